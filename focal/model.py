@@ -366,7 +366,8 @@ class FocalTransformer(nn.Module):
 
     def _stem(self, x: Tensor) -> Tensor:
         h, w = self.config.img_size
-        if not torch.jit.is_tracing() and x.shape[-2:] != (h, w):  # a traced graph has fixed H, W anyway
+        tracing = torch.jit.is_tracing()  # type: ignore[attr-defined]
+        if not tracing and x.shape[-2:] != (h, w):  # a traced graph has fixed H, W anyway
             raise ValueError(f"this model was built for {h}x{w} inputs, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x)
         if self.config.ape:
