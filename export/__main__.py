@@ -1,0 +1,90 @@
+"""`python -m export`: weights -> verified ONNX (fp32, optionally fp16) -> TensorRT engine -> manifest.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from export.graph_gate import GraphGateError
+from export.pipeline import ENGINE_MODES, TASKS, ExportError, ExportOptions, run_export
+from export.verify import VerificationError
+from focal import CheckpointError, variant_names
+from focal.__main__ import parse_image_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    p.add_argument("--variant", required=True, help=f"one of {', '.join(variant_names())} (or an official long name)")
+    p.add_argument("--task", choices=TASKS, default="classify")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--weights", type=Path, metavar="PATH", help="local checkpoint (.pth, state dict, .safetensors)"
+    )
+    weights.add_argument(
+        "--pretrained", action="store_true", help="download the official checkpoint (default when no weights are given)"
+    )
+    weights.add_argument("--random-init", action="store_true", help="untrained weights, marked as such everywhere")
+    p.add_argument("--image-size", type=parse_image_size, default=(224, 224), metavar="N|HxW")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32)")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (default: a descriptive name under artifacts/)"
+    )
+    p.add_argument(
+        "--engine", choices=ENGINE_MODES, default="auto", help="TensorRT engine: auto (if possible), required, skip"
+    )
+    p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit")
+    p.add_argument("--timing-cache", type=Path, metavar="PATH", help="TensorRT timing cache, reused across builds")
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="official constructor keywords overriding the variant, e.g. '{\"num_classes\": 10}'",
+    )
+    p.add_argument("--labels", type=Path, metavar="PATH", help="class names, one per line (default: ImageNet-1K)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = ExportOptions(
+        variant=args.variant,
+        task=args.task,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        random_init=args.random_init,
+        image_size=args.image_size,
+        fp16=args.fp16,
+        min_batch=args.min_batch,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        out=args.out,
+        engine=args.engine,
+        workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache,
+        model_kwargs=args.model_kwargs,
+        labels=args.labels,
+    )
+    start = time.perf_counter()
+    try:
+        manifest = run_export(opts, log=lambda line: print(line, flush=True))
+    except (ExportError, CheckpointError, GraphGateError, VerificationError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    out = opts.out or opts.default_out()
+    engine = manifest["engine"]["path"] if manifest["engine"] else f"none ({manifest['engine_skipped_reason']})"
+    print(
+        f"exported {manifest['variant']} to {out} in {time.perf_counter() - start:.0f} s: "
+        f"{manifest['onnx']}, engine {engine}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

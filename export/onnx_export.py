@@ -1,0 +1,95 @@
+"""PyTorch -> ONNX: the model exported once with a symbolic batch dimension, then constant-folded.
+
+The exporter is torch.export + onnxscript (`torch.onnx.export(dynamo=True)`),
+which gives a clean opset-18 graph: the gathers use the model's constant index
+buffers, and its optimiser folds every relative-position bias and mask into one
+initializer per block. The batch used for tracing (`TRACE_BATCH`) is never one
+that verification uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnxscript.optimizer
+import torch
+from torch import nn
+
+from focal.model import FUSED_BIAS_MAX_ELEMENTS
+
+OPSET = 18
+TRACE_BATCH = 2
+INPUT_NAME = "pixels"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs and warns a lot (torchvision ops it skips, deprecations); keep progress readable."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_size: tuple[int, int],
+    output_names: list[str],
+    max_batch: int = 1024,
+) -> onnx.ModelProto:
+    """Export `model` (eval mode, fp32) to `path`; returns the saved ModelProto (weights inside the file)."""
+    model = model.eval()
+    example = torch.randn(TRACE_BATCH, 3, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch, TRACE_BATCH + 1))
+    with _quiet_exporter(), torch.inference_mode():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            external_data=False,
+        )
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = fold_constants(program.model_proto)
+    _rename_batch_dim(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(path))
+    return proto
+
+
+def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold every subgraph that depends on constants only.
+
+    The exporter's own pass stops at small size limits and leaves the bias tables
+    and index reshapes unfolded; fold up to the largest constant a block can have.
+    """
+    limit = 2 * FUSED_BIAS_MAX_ELEMENTS
+    with _quiet_exporter():
+        return onnxscript.optimizer.optimize(proto, input_size_limit=limit, output_size_limit=limit)
+
+
+def _rename_batch_dim(proto: onnx.ModelProto) -> None:
+    """Name the symbolic batch dimension 'batch' on the input and outputs (the exporter may call it s0)."""
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_param = "batch"

@@ -1,0 +1,339 @@
+"""The export, step by step: weights -> PyTorch model -> ONNX (gated, verified) -> fp16 -> engine -> manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from export import tensorrt_engine
+from export.fp16 import convert_to_fp16
+from export.graph_gate import check_graph
+from export.manifest import (
+    FORMAT_VERSION,
+    artifacts_intact,
+    classification_preprocess,
+    code_fingerprint,
+    package_versions,
+    read_manifest,
+    write_manifest,
+)
+from export.onnx_export import INPUT_NAME, OPSET, export_onnx
+from export.verify import verify_fp16, verify_fp32
+from export.weights import (
+    RANDOM_INIT,
+    WeightsError,
+    WeightsSource,
+    local_weights,
+    pretrained_weights,
+    random_init,
+    seed_random_init,
+    sha256_file,
+)
+from focal import CheckpointAdaptationWarning, FocalTransformer, get_variant, imagenet1k_labels, load_checkpoint
+from focal.checkpoint import read_state_dict
+
+TASKS = ("classify", "detect")
+ENGINE_MODES = ("auto", "required", "skip")
+FP32_ONNX = "model.fp32.onnx"
+FP16_ONNX = "model.fp16.onnx"
+ENGINE = "model.engine"
+LABELS = "labels.txt"
+
+
+class ExportError(Exception):
+    """The export cannot go on; the message is the one line of cause the CLI prints."""
+
+
+@dataclass
+class ExportOptions:
+    variant: str
+    task: str = "classify"
+    weights: Path | None = None
+    pretrained: bool = False
+    random_init: bool = False
+    image_size: tuple[int, int] = (224, 224)
+    fp16: bool = False
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    out: Path | None = None
+    engine: str = "auto"
+    workspace_gib: float = 4.0
+    timing_cache: Path | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    labels: Path | None = None
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+    def default_out(self) -> Path:
+        h, w = self.image_size
+        suffix = "-random-init" if self.random_init else ""
+        return Path("artifacts") / f"{get_variant(self.variant).name}-{self.task}-{h}x{w}-{self.precision}{suffix}"
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ExportError(f"--task must be one of {', '.join(TASKS)}")
+        if self.task == "detect":
+            raise ExportError("--task detect is not available yet (Focal-RetinaNet is a separate issue)")
+        if self.engine not in ENGINE_MODES:
+            raise ExportError(f"--engine must be one of {', '.join(ENGINE_MODES)}")
+        if sum([self.weights is not None, self.pretrained, self.random_init]) > 1:
+            raise ExportError("give at most one of --weights, --pretrained, --random-init")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ExportError(
+                "batch sizes must satisfy 1 <= min <= opt <= max, "
+                f"got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
+        if self.min_batch != 1:
+            raise ExportError("--min-batch must be 1: the service sends single requests as batches of 1")
+        if self.workspace_gib <= 0:
+            raise ExportError("--workspace-gib must be positive")
+        try:
+            get_variant(self.variant)
+        except KeyError as exc:
+            raise ExportError(str(exc.args[0])) from exc
+
+
+class Progress:
+    """Numbered steps with timings on the log."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.log, self.done = total, log, 0
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        self.done += 1
+        self.log(f"[{self.done}/{self.total}] {title} ...")
+        start = time.perf_counter()
+        yield
+        self.log(f"      {title}: done in {time.perf_counter() - start:.1f} s")
+
+
+def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole export; returns the manifest written to the output folder."""
+    opts.validate()
+    out = opts.out or opts.default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(7 if opts.fp16 else 6, log)
+    variant = get_variant(opts.variant)
+
+    with progress.step("weights"):
+        source = _resolve_weights(opts, variant.checkpoint_url, log)
+        state = read_state_dict(source.path) if source.path else None
+        if source.kind == RANDOM_INIT:
+            log("      RANDOM-INIT: untrained weights; predictions are meaningless (for testing the pipeline)")
+
+    num_classes = opts.model_kwargs.get("num_classes")
+    if num_classes is None and state is not None and "head.weight" in state:
+        num_classes = int(state["head.weight"].shape[0])
+    config = variant.config(**{**opts.model_kwargs, "img_size": opts.image_size, "num_classes": num_classes or 1000})
+    inputs = {
+        "variant": variant.name,
+        "task": opts.task,
+        "input_size": list(opts.image_size),
+        "precision": opts.precision,
+        "model_kwargs": opts.model_kwargs,
+        "num_classes": config.num_classes,
+        "weights": source.fingerprint(),
+        "labels": sha256_file(opts.labels) if opts.labels else None,
+        "opset": OPSET,
+        "code": code_fingerprint(),
+        "versions": {
+            k: v for k, v in package_versions().items() if k in ("torch", "onnxscript", "onnxconverter-common")
+        },
+    }
+    onnx_files = [FP32_ONNX] + ([FP16_ONNX] if opts.fp16 else [])
+    previous = read_manifest(out)
+    reuse = (
+        previous is not None
+        and previous.get("inputs") == inputs
+        and artifacts_intact(out, previous, [*onnx_files, LABELS])
+    )
+
+    if reuse:
+        assert previous is not None
+        manifest = previous
+        titles = ["PyTorch model", "ONNX export + graph gate", "verification"]
+        for title in titles + (["fp16 ONNX + verification"] if opts.fp16 else []):
+            with progress.step(title):
+                log("      unchanged inputs and artifacts (sha256 verified): reusing")
+    else:
+        manifest = _export_fresh(opts, out, progress, config, state, source, log)
+        manifest["inputs"] = inputs
+
+    with progress.step("TensorRT engine"):
+        _engine_step(opts, out, manifest, log)
+
+    with progress.step("manifest"):
+        manifest["sha256"] = {
+            name: sha256_file(out / name) for name in [*onnx_files, LABELS, *([ENGINE] if manifest["engine"] else [])]
+        }
+        manifest["versions"] = package_versions()
+        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        path = write_manifest(out, manifest)
+        log(f"      wrote {path}")
+    return manifest
+
+
+def _resolve_weights(opts: ExportOptions, url: str, log: Callable[[str], None]) -> WeightsSource:
+    try:
+        if opts.random_init:
+            return random_init()
+        if opts.weights is not None:
+            return local_weights(opts.weights)
+        return pretrained_weights(url, log=lambda m: log(f"      {m}"))
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def _export_fresh(
+    opts: ExportOptions,
+    out: Path,
+    progress: Progress,
+    config: Any,
+    state: dict[str, Any] | None,
+    source: WeightsSource,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    with progress.step("PyTorch model"):
+        try:
+            seed_random_init()
+            model = FocalTransformer(config).eval()
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise ExportError(f"cannot build {opts.variant}: {exc}") from exc
+        if state is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CheckpointAdaptationWarning)
+                load_checkpoint(model, state)
+            for caught_warning in caught:
+                log(f"      checkpoint adapted: {caught_warning.message}")
+        labels = _labels(opts, config.num_classes)
+        (out / LABELS).write_text("\n".join(labels) + "\n")
+        log(f"      {opts.variant} at {opts.image_size[0]}x{opts.image_size[1]}, {config.num_classes} classes")
+
+    with progress.step("ONNX export + graph gate"):
+        proto = export_onnx(model, out / FP32_ONNX, opts.image_size, ["logits"], max_batch=opts.max_batch)
+        report = check_graph(proto)
+        log(f"      {report.node_count} nodes, opset {report.opset}, every op supported by TensorRT's parser")
+
+    with progress.step("verification"):
+        fp32 = verify_fp32(model, out / FP32_ONNX, opts.image_size)
+        log(
+            f"      onnxruntime vs PyTorch at batch 1 and 3: max |diff| {fp32.max_abs_diff:.2e} "
+            f"({fp32.relative:.1e} of scale)"
+        )
+        verification: dict[str, Any] = {"fp32_vs_torch": fp32.as_dict()}
+
+    if opts.fp16:
+        with progress.step("fp16 ONNX + verification"):
+            fp16_proto = convert_to_fp16(proto, out / FP16_ONNX)
+            check_graph(fp16_proto)
+            fp16 = verify_fp16(out / FP32_ONNX, out / FP16_ONNX, opts.image_size)
+            verification["fp16_vs_fp32"] = {**fp16.as_dict(), "checked_with": "onnxruntime CPU"}
+            log(
+                f"      fp16 vs fp32 (onnxruntime): max |diff| {fp16.max_abs_diff:.2e} ({fp16.relative:.1e} of scale), "
+                f"top-1 agreement {fp16.top1_agreement:.0%}"
+            )
+
+    height, width = opts.image_size
+    return {
+        "format_version": FORMAT_VERSION,
+        "variant": get_variant(opts.variant).name,
+        "official_name": get_variant(opts.variant).official_name,
+        "task": opts.task,
+        "input_size": [height, width],
+        "num_classes": config.num_classes,
+        "random_init": source.kind == RANDOM_INIT,
+        "weights": source.manifest_entry(),
+        "precision": opts.precision,
+        "onnx": FP16_ONNX if opts.fp16 else FP32_ONNX,
+        "onnx_fp32": FP32_ONNX,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, height, width]},
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", config.num_classes]}],
+        "batch": {"min": opts.min_batch, "opt": opts.opt_batch, "max": opts.max_batch},
+        "labels": LABELS,
+        "preprocess": classification_preprocess(opts.image_size),
+        "model_config": {k: v for k, v in vars(config).items() if k != "ignored_training_kwargs"},
+        "graph": {"node_count": report.node_count, "opset": report.opset, "op_counts": report.op_counts},
+        "verification": verification,
+        "engine": None,
+        "engine_skipped_reason": None,
+    }
+
+
+def _labels(opts: ExportOptions, num_classes: int) -> list[str]:
+    if opts.labels is not None:
+        if not opts.labels.is_file():
+            raise ExportError(f"--labels {opts.labels}: no such file")
+        names = [line.strip() for line in opts.labels.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise ExportError(f"--labels {opts.labels}: {len(names)} names for {num_classes} classes")
+        return names
+    if num_classes == 1000:
+        return list(imagenet1k_labels())
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _engine_step(opts: ExportOptions, out: Path, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+    if opts.engine == "skip":
+        manifest["engine"], manifest["engine_skipped_reason"] = None, "--engine skip"
+        log("      skipped (--engine skip)")
+        return
+    probe = tensorrt_engine.probe()
+    if not probe.available:
+        if opts.engine == "required":
+            raise ExportError(f"--engine required, but no engine can be built here: {probe.reason}")
+        manifest["engine"], manifest["engine_skipped_reason"] = None, probe.reason
+        log(f"      skipped: {probe.reason}")
+        return
+    previous = manifest.get("engine") or {}
+    same_target = (
+        previous.get("tensorrt_version") == probe.tensorrt_version
+        and previous.get("gpu_name") == probe.gpu_name
+        and previous.get("compute_capability") == probe.compute_capability
+    )
+    recorded = manifest.get("sha256", {}).get(ENGINE)
+    if same_target and recorded and (out / ENGINE).is_file() and sha256_file(out / ENGINE) == recorded:
+        log(f"      reusing {ENGINE} (built for {probe.gpu_name}, TensorRT {probe.tensorrt_version})")
+        return
+    h, w = opts.image_size
+    try:
+        details = tensorrt_engine.build_engine(
+            fp32_onnx=out / FP32_ONNX,
+            fp16_onnx=out / FP16_ONNX if opts.fp16 else None,
+            engine_path=out / ENGINE,
+            input_name=INPUT_NAME,
+            input_shape=(3, h, w),
+            batch=(opts.min_batch, opts.opt_batch, opts.max_batch),
+            workspace_bytes=int(opts.workspace_gib * (1 << 30)),
+            timing_cache=opts.timing_cache,
+            log=lambda m: log(f"      {m}"),
+        )
+    except tensorrt_engine.EngineError as exc:
+        raise ExportError(str(exc)) from exc
+    manifest["engine"] = {
+        "path": ENGINE,
+        "precision": opts.precision,
+        "tensorrt_version": probe.tensorrt_version,
+        "gpu_name": probe.gpu_name,
+        "compute_capability": probe.compute_capability,
+        **details,
+    }
+    manifest["engine_skipped_reason"] = None
+    log(f"      built {ENGINE} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """Short summary for the end of a run."""
+    return json.dumps(
+        {k: manifest[k] for k in ("variant", "task", "input_size", "precision", "onnx", "engine", "random_init")}
+    )

@@ -1,0 +1,122 @@
+"""TensorRT engine build, written against the documented Python API of TensorRT 10 and 11.
+
+Kept small and isolated: nothing else in the project imports `tensorrt`. It
+cannot run on machines without TensorRT and a CUDA GPU (CI has neither); there
+`probe()` says why and the export records that reason instead of an engine.
+
+- TensorRT 10 has `BuilderFlag.FP16`: an fp16 engine is built from the fp32 ONNX
+  with that flag, with LayerNorm and Softmax layers constrained to fp32.
+- TensorRT 11 removed the flag (networks are strongly typed): an fp16 engine is
+  built from the fp16 ONNX, whose casts already keep LayerNorm/Softmax in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class EngineError(Exception):
+    """The engine could not be built."""
+
+
+@dataclass(frozen=True)
+class TensorRTProbe:
+    available: bool
+    reason: str | None = None
+    tensorrt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+
+
+def probe() -> TensorRTProbe:
+    """Whether an engine can be built here, and on what."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return TensorRTProbe(False, "TensorRT is not installed (Python package 'tensorrt')")
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the export always has torch
+        return TensorRTProbe(False, "torch is needed to query the GPU", tensorrt_version=trt.__version__)
+    if not torch.cuda.is_available():
+        return TensorRTProbe(False, "no CUDA GPU is visible", tensorrt_version=trt.__version__)
+    major, minor = torch.cuda.get_device_capability(0)
+    return TensorRTProbe(
+        True,
+        tensorrt_version=trt.__version__,
+        gpu_name=torch.cuda.get_device_name(0),
+        compute_capability=f"{major}.{minor}",
+    )
+
+
+def build_engine(
+    *,
+    fp32_onnx: Path,
+    fp16_onnx: Path | None,
+    engine_path: Path,
+    input_name: str,
+    input_shape: tuple[int, int, int],
+    batch: tuple[int, int, int],
+    workspace_bytes: int,
+    timing_cache: Path | None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build and serialise an engine with one optimisation profile over the batch axis."""
+    import tensorrt as trt
+
+    fp16 = fp16_onnx is not None
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    strongly_typed = fp16 and not has_fp16_flag
+    source = fp16_onnx if strongly_typed and fp16_onnx is not None else fp32_onnx
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {source.name}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if fp16 and has_fp16_flag:  # TensorRT 10: mixed precision by flag, LayerNorm/Softmax pinned to fp32
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX)
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in pinned:
+                layer.precision = trt.float32
+                layer.set_output_type(0, trt.float32)
+
+    lo, opt, hi = batch
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, (lo, *input_shape), (opt, *input_shape), (hi, *input_shape))
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineError(f"invalid optimisation profile for batch {lo}/{opt}/{hi}")
+
+    cache = None
+    if timing_cache is not None:
+        previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(previous)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        log(f"timing cache {timing_cache} ({'reused' if previous else 'new'})")
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError("TensorRT failed to build the engine (see its log above)")
+    engine_path.write_bytes(bytes(serialized))
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {
+        "built_from": source.name,
+        "strongly_typed": strongly_typed,
+        "fp16_flag": fp16 and has_fp16_flag,
+    }

@@ -1,0 +1,226 @@
+"""`python -m export` end to end: real exports, real onnxruntime sessions, the graph gate on every export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.graph_gate import check_graph
+from export.manifest import MANIFEST_NAME
+from export.weights import sha256_file
+from focal import create_model
+from tests.conftest import load_official_case
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def logits(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    return np.asarray(sess.run(None, {sess.get_inputs()[0].name: images})[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("focal_tiny")
+    result = run_cli("--variant", "focal_tiny", "--random-init", "--fp16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / MANIFEST_NAME).read_text()), result.stdout
+
+
+def test_manifest_describes_the_export(tiny_export: tuple[Path, dict[str, Any], str]) -> None:
+    out, manifest, _ = tiny_export
+    assert manifest["variant"] == "focal_tiny"
+    assert manifest["task"] == "classify"
+    assert manifest["input_size"] == [224, 224]
+    assert manifest["precision"] == "fp16"
+    assert manifest["random_init"] is True
+    assert manifest["weights"]["source"] == "random-init"
+    assert manifest["batch"] == {"min": 1, "opt": 8, "max": 32}
+    assert manifest["engine"] is None
+    assert "TensorRT" in manifest["engine_skipped_reason"]
+    assert manifest["preprocess"]["resize_short_side"] == 256
+    assert manifest["preprocess"]["crop"] == [224, 224]
+    assert manifest["versions"]["torch"].startswith("2.13")
+    assert manifest["versions"]["onnxruntime"]
+    labels = (out / manifest["labels"]).read_text().splitlines()
+    assert len(labels) == 1000
+    assert labels[0] == "tench"
+    for name in (manifest["onnx"], manifest["onnx_fp32"], manifest["labels"]):
+        assert manifest["sha256"][name] == sha256_file(out / name)
+
+
+def test_every_exported_graph_passes_the_gate(tiny_export: tuple[Path, dict[str, Any], str]) -> None:
+    out, manifest, _ = tiny_export
+    for name in (manifest["onnx_fp32"], manifest["onnx"]):
+        report = check_graph(onnx.load(str(out / name)))
+        assert report.node_count < 1500
+    assert manifest["graph"]["node_count"] == check_graph(onnx.load(str(out / manifest["onnx_fp32"]))).node_count
+
+
+def test_onnx_matches_pytorch_at_batch_1_and_3(tiny_export: tuple[Path, dict[str, Any], str]) -> None:
+    out, manifest, _ = tiny_export
+    assert manifest["verification"]["fp32_vs_torch"]["relative_diff"] < 1e-4
+    torch.manual_seed(0)  # the export's random-init seed
+    model = create_model("focal_tiny")
+    sess = session(out / manifest["onnx_fp32"])
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 224, 224)
+        with torch.inference_mode():
+            expected = model(images).numpy()
+        assert np.abs(logits(sess, images.numpy()) - expected).max() < 1e-4
+
+
+def test_batch_elements_are_independent_under_onnxruntime(tiny_export: tuple[Path, dict[str, Any], str]) -> None:
+    out, manifest, _ = tiny_export
+    sess = session(out / manifest["onnx_fp32"])
+    images = np.random.default_rng(5).standard_normal((5, 3, 224, 224)).astype(np.float32)
+    batched = logits(sess, images)
+    for i in range(5):
+        assert np.abs(logits(sess, images[i : i + 1])[0] - batched[i]).max() < 1e-5
+
+
+def test_fp16_graph_keeps_io_fp32_and_agrees(tiny_export: tuple[Path, dict[str, Any], str]) -> None:
+    out, manifest, _ = tiny_export
+    fp16 = onnx.load(str(out / manifest["onnx"]))
+    assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in fp16.graph.initializer)
+    check = manifest["verification"]["fp16_vs_fp32"]
+    assert check["relative_diff"] < 1e-2
+    assert 0.0 <= check["top1_agreement"] <= 1.0
+
+
+def test_progress_is_printed_step_by_step(tiny_export: tuple[Path, dict[str, Any], str]) -> None:
+    _, _, stdout = tiny_export
+    for step in ("[1/7] weights", "[3/7] ONNX export", "[6/7] TensorRT engine", "[7/7] manifest"):
+        assert step in stdout
+    assert "RANDOM-INIT" in stdout
+    assert "done in" in stdout
+
+
+def _micro_kwargs(name: str) -> str:
+    kwargs = load_official_case(name).kwargs
+    keep = ("embed_dim", "depths", "num_heads", "num_classes", "use_conv_embed")
+    return json.dumps({k: kwargs[k] for k in keep})
+
+
+@pytest.mark.parametrize("name", ["micro_256x320", "micro_useconv_224"])
+def test_export_of_an_official_checkpoint_reproduces_the_official_logits(name: str, tmp_path: Path) -> None:
+    case = load_official_case(name)
+    h, w = case.images.shape[-2:]
+    result = run_cli(
+        "--variant", "focal_tiny", "--weights", str(case.checkpoint), "--image-size", f"{h}x{w}",
+        "--model-kwargs", _micro_kwargs(name), "--out", str(tmp_path), "--engine", "skip",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["random_init"] is False
+    assert manifest["weights"]["sha256"] == sha256_file(case.checkpoint)
+    assert manifest["num_classes"] == 10
+    assert (tmp_path / "labels.txt").read_text().splitlines() == [f"class_{i}" for i in range(10)]
+    sess = session(tmp_path / manifest["onnx"])
+    assert np.abs(logits(sess, case.images.numpy()) - case.logits.numpy()).max() <= 1e-4
+    assert np.abs(logits(sess, case.images[:1].numpy()) - case.logits_b1.numpy()).max() <= 1e-4
+
+
+def test_reexport_reuses_valid_artifacts_and_redoes_damaged_ones(tmp_path: Path) -> None:
+    case = load_official_case("micro_224")
+    args = ["--variant", "focal_tiny", "--weights", str(case.checkpoint), "--model-kwargs", _micro_kwargs("micro_224")]
+    args += ["--out", str(tmp_path), "--engine", "skip"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "reusing" not in first.stdout
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "unchanged inputs and artifacts (sha256 verified): reusing" in second.stdout
+    onnx_path = tmp_path / "model.fp32.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:-10] + b"0123456789")  # damaged
+    third = run_cli(*args)
+    assert third.returncode == 0, third.stderr
+    assert "reusing" not in third.stdout
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["sha256"]["model.fp32.onnx"] == sha256_file(onnx_path)
+
+
+def test_engine_required_without_tensorrt_fails_with_the_reason(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    if _tensorrt_present():
+        pytest.skip("TensorRT is installed here")
+    case = load_official_case("micro_224")
+    result = run_cli(
+        "--variant", "focal_tiny", "--weights", str(case.checkpoint), "--model-kwargs", _micro_kwargs("micro_224"),
+        "--out", str(tmp_path), "--engine", "required",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        "export failed: --engine required, but no engine can be built here: TensorRT is not installed" in result.stderr
+    )
+
+
+def _tensorrt_present() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_pretrained_offline_fails_clearly_naming_weights(tmp_path: Path) -> None:
+    """No network: an unreachable proxy makes the download fail at once, as offline."""
+    unreachable = "http://127.0.0.1:9"
+    env = {"FOCAL_CACHE_DIR": str(tmp_path / "cache"), "https_proxy": unreachable, "http_proxy": unreachable}
+    env |= {"HTTPS_PROXY": unreachable, "HTTP_PROXY": unreachable, "no_proxy": "", "NO_PROXY": ""}
+    result = run_cli("--variant", "focal_small", "--fp16", "--out", str(tmp_path / "out"), env=env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("export failed: could not download the official checkpoint")
+    assert "--weights PATH (e.g. focal-small-is224-ws7.pth)" in last
+    assert not list((tmp_path / "cache").glob("*.part"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "detect", "--random-init"], "--task detect is not available yet"),
+        (["--random-init", "--min-batch", "2"], "--min-batch must be 1"),
+        (["--random-init", "--opt-batch", "64"], "1 <= min <= opt <= max"),
+        (["--weights", "/nonexistent.pth"], "--weights /nonexistent.pth: no such file"),
+    ],
+)
+def test_bad_options_fail_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_cli("--variant", "focal_tiny", "--out", str(tmp_path), *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_variant_is_refused(tmp_path: Path) -> None:
+    result = run_cli("--variant", "focal_huge", "--random-init", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "unknown variant 'focal_huge'" in result.stderr
