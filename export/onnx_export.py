@@ -1,7 +1,7 @@
 """PyTorch -> ONNX: the model exported once with a symbolic batch dimension, then constant-folded.
 
 The exporter is torch.export + onnxscript (`torch.onnx.export(dynamo=True)`),
-which gives a clean opset-18 graph: the gathers use the model's constant index
+which gives a clean opset-20 graph (native LayerNormalization and Gelu): the gathers use the model's constant index
 buffers, and its optimiser folds every relative-position bias and mask into one
 initializer per block. The batch used for tracing (`TRACE_BATCH`) is never one
 that verification uses.
@@ -23,7 +23,7 @@ from torch import nn
 
 from focal.model import FUSED_BIAS_MAX_ELEMENTS
 
-OPSET = 18
+OPSET = 20
 TRACE_BATCH = 2
 INPUT_NAME = "pixels"
 
