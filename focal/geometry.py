@@ -4,22 +4,32 @@ Everything here runs once when a model is built. The forward pass then only
 gathers with these constant indices, which is what makes the model export to a
 small static ONNX graph with a symbolic batch dimension.
 
-Inside a block, tokens are kept in *window order*: the zero-padded feature map
+Inside a stage, tokens are kept in *window order*: the zero-padded feature map
 (`padded_h x padded_w`) is cut into `w x w` windows, windows in row-major order,
 tokens row-major inside each window. Keys are then fetched from one table:
 
-    [ window-order tokens (num_windows * w*w) ; pooled tokens (num_windows) ; one zero row ]
+    [ window-order tokens (num_windows * w*w) ; pooled tokens (num_windows) ]
 
 The key order per query window is the official one (see FOCAL_NOTES): the
 window's own tokens, the 132-token neighbour ring taken from four cyclic rolls,
 then the `fw x fw` pooled windows around the query window.
+
+Masked keys: the official code gives pooled keys outside the pooled grid zero
+k/v and an additive -100 mask, so their softmax weight is exp(-100) ~ 4e-44 of
+the largest: a denormal float, which contributes nothing representable to the
+result but makes x86 CPUs take a slow path (onnxruntime's softmax ran 2x slower,
+and the attention matmul after it too). Here the mask is -1e4, whose exp is an
+exact 0, and a masked key reads the query window's own first token instead of a
+zero row (with weight exactly 0 its value cannot matter). The outputs are the
+official ones: the golden fixtures agree to ~3e-7 either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MASK_VALUE = -100.0  # the official additive mask value (not -inf)
+MASK_VALUE = -1e4  # see "Masked keys" above; the official value is -100
+OFFICIAL_MASK_VALUE = -100.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,6 @@ class BlockGeometry:
     @property
     def num_keys(self) -> int:
         return self.window_area + self.num_neighbor_keys + self.num_pooled_keys
-
-    @property
-    def zero_key(self) -> int:
-        """Row index of the zero key in the key table."""
-        return self.num_windows * self.window_area + (self.num_windows if self.pooled else 0)
 
     @property
     def needs_padding(self) -> bool:
@@ -164,12 +169,22 @@ def neighbor_offsets(window: int, expand: int) -> list[tuple[int, int]]:
     return offsets
 
 
+def _pooled_keys(g: BlockGeometry, wy: int, wx: int) -> list[int | None]:
+    """Key-table rows of the fw x fw pooled windows around window (wy, wx); None outside the grid."""
+    half = g.focal_window // 2
+    keys: list[int | None] = []
+    for ky in range(g.focal_window):
+        for kx in range(g.focal_window):
+            py, px = wy - half + ky, wx - half + kx
+            inside = 0 <= py < g.windows_h and 0 <= px < g.windows_w
+            keys.append(g.num_windows * g.window_area + py * g.windows_w + px if inside else None)
+    return keys
+
+
 def key_index(g: BlockGeometry) -> list[int]:
     """Flat [num_windows * num_keys] indices into the key table (see module docstring)."""
     w = g.window
     ring = neighbor_offsets(w, g.expand)
-    half = g.focal_window // 2
-    pooled_base = g.num_windows * g.window_area
     index: list[int] = []
     for wy in range(g.windows_h):
         for wx in range(g.windows_w):
@@ -179,21 +194,19 @@ def key_index(g: BlockGeometry) -> list[int]:
                 row = (wy * w + dy) % g.padded_h
                 col = (wx * w + dx) % g.padded_w
                 index.append(_window_order(g, row, col))
-            if g.pooled:
-                for ky in range(g.focal_window):
-                    for kx in range(g.focal_window):
-                        py, px = wy - half + ky, wx - half + kx
-                        inside = 0 <= py < g.windows_h and 0 <= px < g.windows_w
-                        index.append(pooled_base + py * g.windows_w + px if inside else g.zero_key)
+            if g.pooled:  # masked keys (None) read the window's first token, with weight 0
+                index.extend(first if key is None else key for key in _pooled_keys(g, wy, wx))
     return index
 
 
-def key_mask(g: BlockGeometry) -> list[list[float]]:
-    """[num_windows][num_keys] additive mask: -100 on pooled keys outside the pooled grid."""
-    zero_key = g.zero_key
-    index = key_index(g)
-    n = g.num_keys
-    return [[MASK_VALUE if index[i * n + j] == zero_key else 0.0 for j in range(n)] for i in range(g.num_windows)]
+def key_mask(g: BlockGeometry, value: float = MASK_VALUE) -> list[list[float]]:
+    """[num_windows][num_keys] additive mask: `value` on pooled keys outside the pooled grid."""
+    unmasked = [0.0] * (g.window_area + g.num_neighbor_keys)
+    return [
+        unmasked + ([0.0 if key is not None else value for key in _pooled_keys(g, wy, wx)] if g.pooled else [])
+        for wy in range(g.windows_h)
+        for wx in range(g.windows_w)
+    ]
 
 
 def relative_position_index(query_window: int, key_window: int) -> list[int]:

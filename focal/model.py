@@ -17,6 +17,13 @@ How this implementation deviates from the official one:
 - Relative-position biases and masks are a pure function of the weights
   (`FocalWindowAttention.attention_bias`), so an exporter folds them into one
   constant per block.
+- Masked keys use -1e4 instead of the official -100 (whose softmax weights are
+  denormal floats, slow on CPUs and worth nothing); see `focal.geometry`. The
+  golden fixtures agree either way.
+- Tokens stay in window order for a whole stage (one gather in, one out); the
+  q/k/v projection runs as a q part (window tokens, softmax scale folded in)
+  and a k/v part (window and pooled tokens); Linear layers run on 2-D token
+  matrices (one Gemm with the bias fused, once exported).
 - Inference only: dropout and stochastic depth are not built; `use_shift`, the
   'mean'/'max'/'conv' pooling methods and focal levels > 2 (none of which a
   released model uses) raise `NotImplementedError`.
@@ -46,6 +53,16 @@ def _index_buffer(values: list[int]) -> Tensor:
     return torch.tensor(values, dtype=torch.long)
 
 
+def linear_tokens(layer: nn.Module, x: Tensor) -> Tensor:
+    """A Linear on [B, N, C] tokens computed as one [B*N, C] matmul.
+
+    Same numbers; exported, it is one Gemm with the bias in its epilogue instead
+    of a batched MatMul followed by a separate bias Add over the whole output.
+    """
+    out: Tensor = layer(x.reshape(-1, x.shape[-1]))
+    return out.reshape(-1, x.shape[1], out.shape[-1])
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -54,8 +71,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.fc2(self.act(self.fc1(x)))
-        return out
+        return linear_tokens(self.fc2, self.act(linear_tokens(self.fc1, x)))
 
 
 class FocalWindowAttention(nn.Module):
@@ -133,27 +149,41 @@ class FocalWindowAttention(nn.Module):
         n_query = g.num_windows * g.window_area
         tokens = windows if pooled is None else torch.cat([windows, pooled], dim=1)
         n_tokens = tokens.shape[1]
-        qkv = self.qkv(tokens).reshape(-1, n_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q = qkv[0, :, :, :n_query].reshape(-1, heads, g.num_windows, g.window_area, head_dim)
-        # One gather per k and v fetches every key of every window; the
-        # appended zero row serves the out-of-grid pooled keys.
-        k = F.pad(qkv[1], (0, 0, 0, 1)).index_select(2, self.key_index)
-        v = F.pad(qkv[2], (0, 0, 0, 1)).index_select(2, self.key_index)
+        # The qkv Linear is applied as two: q for the window tokens only, with the
+        # softmax scale folded into its weights (a constant once exported), and k/v
+        # for the window and pooled tokens.
+        weight, bias = self.qkv.weight, self.qkv.bias
+        dim = self.dim
+        q = F.linear(
+            windows.reshape(-1, dim),
+            weight[:dim] * self.scale,
+            None if bias is None else bias[:dim] * self.scale,
+        )
+        q = q.reshape(-1, g.num_windows, g.window_area, heads, head_dim).permute(0, 3, 1, 2, 4)
+        kv = F.linear(tokens.reshape(-1, dim), weight[dim:], None if bias is None else bias[dim:])
+        kv = kv.reshape(-1, n_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        # One gather per k and v fetches every key of every window.
+        k = kv[0].index_select(2, self.key_index)
+        v = kv[1].index_select(2, self.key_index)
         k = k.reshape(-1, heads, g.num_windows, g.num_keys, head_dim)
         v = v.reshape(-1, heads, g.num_windows, g.num_keys, head_dim)
 
-        attn = (q * self.scale) @ k.transpose(-2, -1) + self.attention_bias()
+        attn = q @ k.transpose(-2, -1) + self.attention_bias()
         if not self.fuse_mask:
             attn = attn + self.key_mask
         out = attn.softmax(dim=-1) @ v  # [B, heads, windows, area, head_dim]
         out = out.permute(0, 2, 3, 1, 4).reshape(-1, n_query, self.dim)
-        projected: Tensor = self.proj(out)
-        return projected
+        return linear_tokens(self.proj, out)
 
 
 class FocalTransformerBlock(nn.Module):
-    partition_index: Tensor
-    unpartition_index: Tensor
+    """One block, on tokens in window order (see `FocalStage`).
+
+    LayerNorm, the MLP and the residual adds are token-wise, so they run in
+    window order as well; only attention cares about the order.
+    """
+
+    valid_tokens: Tensor
 
     def __init__(
         self,
@@ -180,22 +210,22 @@ class FocalTransformerBlock(nn.Module):
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
-        self.register_buffer("partition_index", _index_buffer(geometry.partition_index(geom)), persistent=False)
-        self.register_buffer("unpartition_index", _index_buffer(geometry.unpartition_index(geom)), persistent=False)
+        if geom.needs_padding:
+            valid = [float(i != geom.num_tokens) for i in geometry.partition_index(geom)]
+            self.register_buffer("valid_tokens", torch.tensor(valid).unsqueeze(-1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, H*W, C] row-major tokens."""
+        """x: [B, windows * window_area, C] tokens in padded window order."""
         g = self.geom
         y = self.norm1(x)
-        if g.needs_padding:  # padded cells read the appended zero row
-            y = F.pad(y, (0, 0, 0, 1))
-        y = y.index_select(1, self.partition_index)  # [B, windows * area, C]
+        if g.needs_padding:  # the official code zero-pads after norm1: padded cells enter as zeros
+            y = y * self.valid_tokens
         pooled = None
         if self.pool_layers:
             fc = self.pool_layers[0]
             tokens = y.reshape(-1, g.num_windows, g.window_area, self.dim)
             pooled = (fc.weight @ tokens).reshape(-1, g.num_windows, self.dim) + fc.bias
-        y = self.attn(y, pooled).index_select(1, self.unpartition_index)
+        y = self.attn(y, pooled)
         if self.use_layerscale:
             x = x + self.gamma_1 * y
             out: Tensor = x + self.gamma_2 * self.mlp(self.norm2(x))
@@ -239,17 +269,38 @@ class PatchEmbed(nn.Module):
 
 
 class FocalStage(nn.Module):
-    """One stage: its blocks, then the downsampling into the next stage (official key names)."""
+    """One stage: its blocks, then the downsampling into the next stage (official key names).
+
+    The blocks of a stage share one window layout, so the tokens are gathered into
+    padded window order once when the stage starts and back (cropped) once when
+    it ends, instead of in every block. Padded cells are carried along: they
+    start as zeros, each block zeroes them again after norm1 (as the official
+    padding does), and whatever accumulates in them is never read by a real token.
+    """
+
+    partition_index: Tensor
+    unpartition_index: Tensor
 
     def __init__(self, blocks: list[FocalTransformerBlock], downsample: PatchEmbed | None) -> None:
         super().__init__()
+        layouts = {(b.geom.height, b.geom.width, b.geom.window) for b in blocks}
+        if len(layouts) != 1:
+            raise ValueError(f"the blocks of a stage must share one window layout, got {sorted(layouts)}")
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
+        g = blocks[0].geom
+        self.needs_padding = g.needs_padding
+        self.register_buffer("partition_index", _index_buffer(geometry.partition_index(g)), persistent=False)
+        self.register_buffer("unpartition_index", _index_buffer(geometry.unpartition_index(g)), persistent=False)
 
     def forward(self, x: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """x: [B, H*W, C] -> (this stage's output tokens, the next stage's input tokens)."""
+        """x: [B, H*W, C] row-major -> (this stage's output tokens, the next stage's input tokens)."""
+        if self.needs_padding:  # padded cells read an appended zero row
+            x = F.pad(x, (0, 0, 0, 1))
+        x = x.index_select(1, self.partition_index)
         for block in self.blocks:
             x = block(x)
+        x = x.index_select(1, self.unpartition_index)
         if self.downsample is None:
             return x, x
         nchw = x.reshape(-1, height, width, x.shape[-1]).permute(0, 3, 1, 2)

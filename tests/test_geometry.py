@@ -49,16 +49,29 @@ def test_keys_wrap_around_cyclically() -> None:
     assert window0[g.window_area + 3 * 33] == 3 * 49 + 4 * 7 + 4
 
 
-def test_pooled_keys_outside_the_grid_are_zero_and_masked() -> None:
+def test_pooled_keys_outside_the_grid_are_masked() -> None:
     g = _geom(14, 21, fw=5)  # 2x3 windows, 5x5 pooled neighbourhood
     index = geometry.key_index(g)
     mask = geometry.key_mask(g)
     pooled = index[g.window_area + g.num_neighbor_keys : g.num_keys]
-    assert len(pooled) == 25
-    inside = [k for k in pooled if k != g.zero_key]
-    assert sorted(inside) == [g.num_windows * 49 + i for i in range(6)]  # 2x3 grid reachable from (0, 0)
-    assert mask[0].count(geometry.MASK_VALUE) == 25 - 6
+    pooled_mask = mask[0][g.window_area + g.num_neighbor_keys :]
+    assert len(pooled) == len(pooled_mask) == 25
+    inside = [k for k, m in zip(pooled, pooled_mask, strict=True) if m == 0.0]
+    assert sorted(inside) == [g.num_windows * 49 + i for i in range(6)]  # the 2x3 grid, all reachable from (0, 0)
+    masked = [k for k, m in zip(pooled, pooled_mask, strict=True) if m == geometry.MASK_VALUE]
+    assert masked == [0] * (25 - 6)  # read window (0, 0)'s first token; their softmax weight is exactly 0
     assert all(v == 0.0 for v in mask[0][: g.window_area + g.num_neighbor_keys])
+
+
+def test_the_mask_gives_exactly_zero_weight_where_the_official_one_gives_denormals() -> None:
+    import torch
+
+    logits = torch.tensor([3.0, -2.0, 0.5])
+    official = torch.cat([logits, torch.tensor([geometry.OFFICIAL_MASK_VALUE])]).softmax(-1)
+    ours = torch.cat([logits, torch.tensor([geometry.MASK_VALUE])]).softmax(-1)
+    assert 0.0 < official[-1].item() < torch.finfo(torch.float32).tiny  # a denormal
+    assert ours[-1].item() == 0.0
+    assert torch.equal(official[:-1], ours[:-1])
 
 
 def test_relative_position_index_matches_the_swin_table_layout() -> None:
