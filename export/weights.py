@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
 
 RANDOM_INIT = "random-init"
 RANDOM_INIT_SEED = 0
@@ -35,6 +34,7 @@ class WeightsSource:
             "source": self.kind,
             "sha256": self.sha256,
             "file": self.path.name if self.path else None,
+            "path": str(self.path.resolve()) if self.path else None,  # for the service's PyTorch reference
         }
         if self.url:
             entry["url"] = self.url
@@ -102,4 +102,6 @@ def random_init() -> WeightsSource:
 
 
 def seed_random_init() -> None:
+    import torch  # here, not at the top: the service reads manifests without torch
+
     torch.manual_seed(RANDOM_INIT_SEED)

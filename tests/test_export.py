@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +16,7 @@ from export.graph_gate import check_graph
 from export.manifest import MANIFEST_NAME
 from export.weights import sha256_file
 from focal import create_model
-from tests.conftest import load_official_case
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "export", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+from tests.conftest import load_official_case, run_cli
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -43,14 +27,6 @@ def session(path: Path) -> ort.InferenceSession:
 
 def logits(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run(None, {sess.get_inputs()[0].name: images})[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
-    out = tmp_path_factory.mktemp("focal_tiny")
-    result = run_cli("--variant", "focal_tiny", "--random-init", "--fp16", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    return out, json.loads((out / MANIFEST_NAME).read_text()), result.stdout
 
 
 def test_manifest_describes_the_export(tiny_export: tuple[Path, dict[str, Any], str]) -> None:

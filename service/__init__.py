@@ -1,0 +1,1 @@
+"""The inference service: FastAPI over dynamic batchers over onnxruntime / TensorRT / PyTorch backends."""

@@ -1,0 +1,203 @@
+"""Routes: /classify, /detect, health probes, /v1/models, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import errors
+from service.app import ServiceState
+from service.batcher import BackendError, DeadlineExceeded, Draining, QueueFull
+from service.images import ImageError, ImageTooLarge, decode, preprocess
+from service.models import ServedModel
+from service.schemas import ClassifyResponse, ErrorResponse, Health, ModelsResponse
+
+router = APIRouter()
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+RETRY_AFTER_S = "1"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "an image could not be decoded",
+        413: "body, image pixel count or number of images over the limit",
+        415: "unsupported content type",
+        422: "bad parameters",
+        429: "queue full (Retry-After)",
+        503: "not ready or shutting down (Retry-After)",
+        504: "deadline passed while queued",
+        500: "the backend failed on this request's batch",
+    }.items()
+}
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["image"],
+                }
+            },
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+        },
+    }
+}
+
+
+def _state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+async def _read_images(request: Request, limit: int) -> list[bytes]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=limit + 1, max_fields=limit + 16)
+        parts = form.getlist("image")
+        if not parts:
+            raise errors.BadImage("the multipart body has no part named 'image'")
+        if len(parts) > limit:
+            raise errors.PayloadTooLarge(f"{len(parts)} images in one request; the limit is {limit}")
+        images = []
+        for part in parts:
+            if isinstance(part, str):
+                raise errors.BadImage("the 'image' parts must be files, not text fields")
+            images.append(await part.read())
+        return images
+    if content_type in IMAGE_TYPES or content_type == "application/octet-stream":
+        return [await request.body()]
+    raise errors.UnsupportedMediaType(
+        f"content type {content_type or '(none)'!r} is not accepted; send multipart/form-data with 'image' parts "
+        f"or a raw body of type {', '.join(IMAGE_TYPES)}"
+    )
+
+
+async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) -> list[np.ndarray]:
+    """Decode + preprocess every image in the thread pool; one bad image fails this request only."""
+    loop = asyncio.get_running_loop()
+    spec, max_pixels = model.preprocess, state.settings.max_pixels
+
+    def one(data: bytes) -> np.ndarray:
+        return preprocess(decode(data, max_pixels, draft_short_side=spec.resize_short_side), spec)
+
+    results = await asyncio.gather(
+        *(loop.run_in_executor(state.preprocess_pool, one, data) for data in blobs), return_exceptions=True
+    )
+    for i, result in enumerate(results):
+        where = f"image {i + 1} of {len(blobs)}: " if len(blobs) > 1 else ""
+        if isinstance(result, ImageTooLarge):
+            raise errors.PayloadTooLarge(where + str(result))
+        if isinstance(result, ImageError):
+            raise errors.BadImage(where + str(result))
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if isinstance(r, np.ndarray)]
+
+
+async def _infer(state: ServiceState, model: ServedModel, samples: list[np.ndarray]) -> list[np.ndarray]:
+    timeout = state.settings.request_timeout_s
+    tasks = [asyncio.ensure_future(model.batcher.submit(sample, timeout)) for sample in samples]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except QueueFull as exc:
+        raise errors.Overloaded(str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
+    except Draining as exc:
+        raise errors.Unavailable(str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
+    except DeadlineExceeded as exc:
+        raise errors.Timeout(str(exc)) from exc
+    except BackendError as exc:
+        raise errors.BackendFailed(f"inference failed: {exc}") from exc
+    finally:
+        for task in tasks:  # a failed sibling or a vanished client: drop the rest from the queue
+            task.cancel()
+
+
+def _model_for(state: ServiceState, task: str) -> ServedModel:
+    if state.draining:
+        raise errors.Unavailable("the server is shutting down", headers={"Retry-After": RETRY_AFTER_S})
+    model = state.by_task(task)
+    if model is None:
+        if state.loading and not state.failed:
+            raise errors.Unavailable("the models are still loading", headers={"Retry-After": RETRY_AFTER_S})
+        raise errors.NotFound(f"no {task} model is loaded on this server")
+    return model
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(exp / exp.sum(axis=-1, keepdims=True))
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=_ERRORS,
+    openapi_extra=_IMAGE_BODY,
+    summary="Classify one or more images",
+)
+async def classify(
+    request: Request,
+    top_k: Annotated[int, Query(ge=1, description="predictions per image (1..num_classes)")] = 5,
+) -> dict[str, Any]:
+    state = _state(request)
+    model = _model_for(state, "classify")
+    if top_k > len(model.labels):
+        raise errors.InvalidParameter(f"top_k: must be at most the number of classes ({len(model.labels)})")
+    blobs = await _read_images(request, state.settings.max_images_per_request)
+    samples = await _prepare(state, model, blobs)
+    outputs = await _infer(state, model, samples)
+    results = []
+    for probs in softmax(np.stack(outputs).astype(np.float64)):
+        top = np.argsort(-probs, kind="stable")[:top_k]
+        results.append(
+            {"predictions": [{"class_id": int(i), "label": model.labels[i], "score": float(probs[i])} for i in top]}
+        )
+    return {"model": model.info(), "results": results}
+
+
+@router.post(
+    "/detect", responses=_ERRORS, openapi_extra=_IMAGE_BODY, summary="Detect objects (needs a detection model)"
+)
+async def detect(request: Request) -> dict[str, Any]:
+    _model_for(_state(request), "detect")
+    raise errors.NotFound("detection models cannot be served yet")  # pragma: no cover - no detect exports exist
+
+
+def _probe(ok: bool, detail: str) -> JSONResponse:
+    return JSONResponse(
+        Health(status="ok" if ok else "unavailable", detail=detail).model_dump(), status_code=200 if ok else 503
+    )
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process and its batch workers are alive")
+@router.get("/v2/health/live", response_model=Health, include_in_schema=False)
+async def healthz(request: Request) -> JSONResponse:
+    return _probe(*_state(request).liveness())
+
+
+@router.get("/readyz", response_model=Health, summary="Readiness: every model loaded and warmed up, not draining")
+@router.get("/v2/health/ready", response_model=Health, include_in_schema=False)
+async def readyz(request: Request) -> JSONResponse:
+    return _probe(*_state(request).readiness())
+
+
+@router.get("/v1/models", response_model=ModelsResponse, summary="The loaded models and their manifest facts")
+async def models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    return {
+        "models": [{**m.info(), "ready": m.ready, "warmup_seconds": m.warmup_seconds} for m in state.models.values()]
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

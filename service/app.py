@@ -1,0 +1,254 @@
+"""App factory: `create_app(settings)` wires settings, models, middleware, error handlers and routes.
+
+Models are checked when the app is created (a bad folder fails at once), then
+loaded and warmed up in the background after start-up, so `/healthz` answers
+and `/readyz` says 503 ("loading") meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from export.manifest import MANIFEST_NAME, read_manifest
+from service import errors
+from service.logs import request_id_var
+from service.metrics import Metrics
+from service.models import ModelLoadError, ServedModel, load_model, warm_up
+from service.settings import Settings
+
+log = logging.getLogger("focal.service")
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes need, on `app.state.service`."""
+
+    settings: Settings
+    metrics: Metrics
+    preprocess_pool: ThreadPoolExecutor
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    loading: bool = True
+    failed: str | None = None
+    draining: bool = False
+
+    def by_task(self, task: str) -> ServedModel | None:
+        return next((m for m in self.models.values() if m.task == task), None)
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if self.failed:
+            return False, f"failed: {self.failed}"
+        if self.loading:
+            return False, "loading"
+        dead = [m.name for m in self.models.values() if not m.batcher.alive]
+        if dead:
+            return False, f"batch worker stopped: {', '.join(dead)}"
+        return True, "ready"
+
+    def liveness(self) -> tuple[bool, str]:
+        if self.failed:
+            return False, f"failed: {self.failed}"
+        dead = [m.name for m in self.models.values() if not m.batcher.alive and not self.draining]
+        if not self.loading and dead:
+            return False, f"batch worker stopped: {', '.join(dead)}"
+        return True, "alive"
+
+
+def check_model_folders(folders: list[Path]) -> None:
+    """Fail fast on folders that cannot be served (before anything is loaded)."""
+    if not folders:
+        raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
+    tasks: dict[str, Path] = {}
+    for folder in folders:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise ModelLoadError(f"{folder}: no readable {MANIFEST_NAME} (is it a python -m export output folder?)")
+        task = str(manifest.get("task"))
+        if task in tasks:
+            raise ModelLoadError(f"{folder} and {tasks[task]} both serve task {task!r}; give one model per task")
+        tasks[task] = folder
+
+
+def create_app(settings: Settings) -> FastAPI:
+    check_model_folders(settings.models)
+    state = ServiceState(
+        settings=settings,
+        metrics=Metrics(),
+        preprocess_pool=ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load_models(state), name="load-models")
+        try:
+            yield
+        finally:
+            state.draining = True
+            loader.cancel()
+            for model in state.models.values():
+                drained = await model.batcher.drain(settings.drain_timeout_s)
+                if not drained:
+                    log.warning("%s: queue not drained within %.0f s", model.name, settings.drain_timeout_s)
+                await model.batcher.stop()
+            state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="focal-serve",
+        summary="Focal Transformer inference with dynamic batching",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes)
+    _add_error_handlers(app)
+    from service.api import router
+
+    app.include_router(router)
+    return app
+
+
+async def _load_models(state: ServiceState) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        for folder in state.settings.models:
+            model = await loop.run_in_executor(None, load_model, folder, state.settings, state.metrics)
+            model.batcher.start()
+            await warm_up(model)
+            model.ready = True
+            state.models[model.name] = model
+            info = model.info()
+            state.metrics.model_info.labels(
+                model.name,
+                info["variant"],
+                info["task"],
+                info["backend"],
+                info["device"],
+                info["precision"],
+                info["weights"],
+            ).set(1)
+            log.info(
+                "serving %s from %s",
+                model.name,
+                folder,
+                extra={"fields": {"backend": info["backend"], "device": info["device"], "weights": info["weights"]}},
+            )
+            if model.random_init:
+                log.warning("%s has RANDOM-INIT weights: its predictions are meaningless", model.name)
+        state.loading = False
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.failed = f"{type(exc).__name__}: {exc}"
+        log.error("loading the models failed: %s", state.failed)
+
+
+class RequestContextMiddleware:
+    """Request id (X-Request-ID in and out), body-size limit, access log and request metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        start, status = time.perf_counter(), 500
+        limit = self.max_body_bytes
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise errors.PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:  # refused before reading a byte of it
+                error = errors.PayloadTooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
+                body = {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
+                await JSONResponse(body, status_code=error.status)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - start
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(seconds)
+            if endpoint not in ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+                log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={"fields": {"status": status, "duration_ms": round(seconds * 1000, 1)}},
+                )
+            request_id_var.reset(token)
+
+
+def error_response(request: Request, error: errors.ServiceError) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "")
+    body = {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.ServiceError)
+    async def service_error(request: Request, exc: errors.ServiceError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('query', 'body'))}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        return error_response(request, errors.InvalidParameter(details or "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = errors.ServiceError(str(exc.detail), headers=dict(exc.headers or {}))
+        error.status, error.code = exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(request, error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(request, errors.ServiceError(f"internal error ({type(exc).__name__})"))
+
+
+_HTTP_CODES: dict[int, Any] = {404: "not_found", 405: "method_not_allowed"}

@@ -1,0 +1,52 @@
+"""Backends run one batch of preprocessed images: `infer(float32 [N, 3, H, W]) -> float32 [N, classes]`.
+
+`load_backend` picks one from the manifest and the machine (or the `backend`
+setting): the TensorRT engine when it exists and matches this GPU and TensorRT
+version, else onnxruntime (CUDA provider when it really is active, else CPU).
+PyTorch is a reference backend that rebuilds the model from the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger("focal.service")
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run this export here (the message says why)."""
+
+
+class Backend(Protocol):
+    name: str  # "tensorrt", "onnxruntime" or "torch"
+    device: str  # where it runs, in words
+    max_batch_size: int
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def load_backend(folder: Path, manifest: dict[str, Any], choice: str, intra_op_threads: int = 0) -> Backend:
+    if choice in ("auto", "tensorrt") and manifest.get("engine"):
+        try:
+            from service.backends.tensorrt_backend import TensorRTBackend
+
+            return TensorRTBackend(folder, manifest)
+        except BackendUnavailable as exc:
+            if choice == "tensorrt":
+                raise
+            log.warning("TensorRT engine not used, falling back to onnxruntime: %s", exc)
+    elif choice == "tensorrt":
+        raise BackendUnavailable(
+            f"{folder}: the export has no TensorRT engine ({manifest.get('engine_skipped_reason')})"
+        )
+    if choice == "torch":
+        from service.backends.torch_backend import TorchBackend
+
+        return TorchBackend(manifest)
+    from service.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(folder, manifest, intra_op_threads=intra_op_threads)

@@ -1,0 +1,52 @@
+"""onnxruntime: the CUDA provider where it is really active, otherwise the CPU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.weights import sha256_file
+from service.backends import BackendUnavailable
+
+log = logging.getLogger("focal.service")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], intra_op_threads: int = 0) -> None:
+        self.max_batch_size = int(manifest["batch"]["max"])
+        self._folder, self._manifest, self._threads = folder, manifest, intra_op_threads
+        if CUDA in ort.get_available_providers():
+            self.session, self.onnx = self._open(manifest["onnx"], [CUDA, CPU])
+            if self.session.get_providers()[0] != CUDA:  # onnxruntime falls back to the CPU silently
+                log.warning("the CUDA provider did not start (CUDA libraries missing?): onnxruntime runs on the CPU")
+                self.session, self.onnx = self._open(manifest["onnx_fp32"], [CPU])
+        else:
+            # The fp16 graph is for GPUs; on the CPU onnxruntime would run it through casts, slowly.
+            self.session, self.onnx = self._open(manifest["onnx_fp32"], [CPU])
+        self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _open(self, onnx_name: str, providers: list[str]) -> tuple[ort.InferenceSession, str]:
+        path = self._folder / onnx_name
+        if not path.is_file():
+            raise BackendUnavailable(f"{path}: missing")
+        expected = self._manifest.get("sha256", {}).get(onnx_name)
+        if expected and sha256_file(path) != expected:
+            raise BackendUnavailable(f"{path}: sha256 differs from the manifest (damaged or replaced file)")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=providers), onnx_name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: batch})[0])

@@ -1,0 +1,207 @@
+"""Dynamic batching: many single-image requests onto one backend, one batch at a time.
+
+No web framework here. One `DynamicBatcher` per model:
+
+- `submit(sample)` puts one preprocessed sample into a bounded queue and awaits
+  its result; a full queue raises `QueueFull` at once (the caller answers 429).
+- One worker task takes the first waiting sample, then waits at most
+  `max_queue_delay_s` *from that first sample* for more, up to `max_batch_size`,
+  drops samples whose caller went away or whose deadline passed, and runs the
+  batch in a worker thread (onnxruntime and TensorRT release the GIL), so the
+  event loop never blocks.
+- An exception fails every future of that batch and nothing else; a backend that
+  returns another number of outputs than it got inputs fails the batch too.
+- `drain()` stops new submissions and lets the queued work finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue_size` samples already."""
+
+
+class Draining(Exception):
+    """The batcher no longer accepts work (shutting down)."""
+
+
+class DeadlineExceeded(Exception):
+    """The sample's deadline passed while it was queued."""
+
+
+class BackendError(Exception):
+    """The backend failed on the batch this sample was in."""
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (implemented by the metrics module)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_done(self, size: int, queue_waits: list[float], seconds: float, ok: bool) -> None: ...
+
+    def dropped(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, size: int, queue_waits: list[float], seconds: float, ok: bool) -> None:
+        pass
+
+    def dropped(self, reason: str) -> None:
+        pass
+
+
+@dataclass
+class _Item:
+    sample: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.name = name
+        self.observer: BatchObserver = observer or _NullObserver()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._worker: asyncio.Task[None] | None = None
+        self._accepting = False
+        self.in_flight = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._worker is None:
+            self._accepting = True
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+
+    @property
+    def alive(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, wait until the queue and the batch in flight are done. True if drained in time."""
+        self._accepting = False
+        end = time.monotonic() + timeout_s
+        while (self._queue.qsize() or self.in_flight) and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return not (self._queue.qsize() or self.in_flight)
+
+    async def stop(self) -> None:
+        """Cancel the worker; anything still queued fails with `Draining`."""
+        self._accepting = False
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(Draining("the server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    # -- requests ----------------------------------------------------------------------------
+    async def submit(self, sample: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Queue one sample and wait for its output row."""
+        if not self._accepting:
+            raise Draining("the server is shutting down")
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Item(sample, future, time.monotonic() + timeout_s))
+        except asyncio.QueueFull:
+            raise QueueFull(f"the queue of {self.name} is full ({self._queue.maxsize} waiting)") from None
+        self.observer.queue_depth(self._queue.qsize())
+        return await future  # cancelling the caller cancels the future: the worker skips it
+
+    # -- worker ------------------------------------------------------------------------------
+    async def _next_batch(self) -> list[_Item]:
+        batch = [await self._queue.get()]
+        window_end = time.monotonic() + self.max_queue_delay_s
+        while len(batch) < self.max_batch_size:
+            remaining = window_end - time.monotonic()
+            if remaining <= 0:
+                while len(batch) < self.max_batch_size and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())  # already waiting: no reason to leave them
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    def _live(self, batch: list[_Item]) -> list[_Item]:
+        now, live = time.monotonic(), []
+        for item in batch:
+            if item.future.done():  # the caller went away (cancelled)
+                self.observer.dropped("cancelled")
+            elif item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                self.observer.dropped("deadline")
+            else:
+                live.append(item)
+        return live
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._live(await self._next_batch())
+            self.observer.queue_depth(self._queue.qsize())
+            if not batch:
+                continue
+            self.in_flight = len(batch)
+            start = time.monotonic()
+            waits = [start - item.enqueued for item in batch]
+            ok = False
+            try:
+                inputs = np.stack([item.sample for item in batch])
+                outputs = await loop.run_in_executor(self._executor, self.run_batch, inputs)
+                if len(outputs) != len(batch):
+                    raise BackendError(f"the backend returned {len(outputs)} outputs for {len(batch)} inputs")
+                for item, output in zip(batch, outputs, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(output)
+                ok = True
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(Draining("the server is shutting down"))
+                raise
+            except Exception as exc:  # one failed batch fails its own requests only
+                error = exc if isinstance(exc, BackendError) else BackendError(f"{type(exc).__name__}: {exc}")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+            finally:
+                self.in_flight = 0
+                self.observer.batch_done(len(batch), waits, time.monotonic() - start, ok)

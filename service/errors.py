@@ -1,0 +1,49 @@
+"""Errors the API answers with: `{"error": {"code", "message", "request_id"}}` and the HTTP status."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadImage(ServiceError):
+    status, code = 400, "bad_image"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    status, code = 422, "invalid_parameter"
+
+
+class Overloaded(ServiceError):
+    status, code = 429, "overloaded"
+
+
+class Unavailable(ServiceError):
+    status, code = 503, "unavailable"
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"
+
+
+class BackendFailed(ServiceError):
+    status, code = 500, "backend_error"

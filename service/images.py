@@ -1,0 +1,120 @@
+"""Image decoding and classification preprocessing (pure functions, no web framework).
+
+Decoding: Pillow, with the pixel count checked from the header before any
+pixel is decoded (which also stops decompression bombs), JPEG draft mode so a
+large photo is decoded at a reduced scale that still covers the resize target,
+EXIF orientation applied, and every mode converted to RGB (alpha composited on
+white, 16-bit scaled down, CMYK converted).
+
+Preprocessing follows the manifest's `preprocess` block exactly as the export
+recorded it: bicubic resize of the short side, centre crop, /255, mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# The service enforces its own pixel limit before decoding; Pillow's own bomb
+# check would otherwise raise a different error (or warn) first.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(Exception):
+    """The bytes are not a decodable image."""
+
+
+class ImageTooLarge(Exception):
+    """The image has more pixels than allowed."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    resize_short_side: int
+    crop: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_manifest(cls, spec: dict[str, Any]) -> Preprocess:
+        if spec.get("interpolation", "bicubic") != "bicubic":
+            raise ValueError(f"unsupported interpolation {spec.get('interpolation')!r}")
+        mean, std = spec["mean"], spec["std"]
+        return cls(
+            resize_short_side=int(spec["resize_short_side"]),
+            crop=(int(spec["crop"][0]), int(spec["crop"][1])),
+            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            std=(float(std[0]), float(std[1]), float(std[2])),
+        )
+
+
+def decode(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
+    """Bytes -> RGB image, upright. `draft_short_side`: the smallest short side the caller needs."""
+    if not data:
+        raise ImageError("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+            if draft_short_side and image.format == "JPEG" and isinstance(image, ImageFile.ImageFile):
+                # Decode at the smallest 1/2^k scale whose short side still covers the target.
+                scale = min(width, height) / draft_short_side
+                if scale >= 2:
+                    image.draft("RGB", (int(width / scale) + 1, int(height / scale) + 1))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except ImageTooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"the image could not be decoded ({exc})") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        gray = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        gray = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """RGB image -> float32 [3, H, W], normalised as the export recorded."""
+    width, height = image.size
+    short = spec.resize_short_side
+    size = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    crop_h, crop_w = spec.crop
+    width, height = image.size
+    if crop_h > height or crop_w > width:  # a crop larger than the image: zero padding around it
+        padded = Image.new("RGB", (max(width, crop_w), max(height, crop_h)))
+        padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
+        image, (width, height) = padded, padded.size
+    top, left = round((height - crop_h) / 2), round((width - crop_w) / 2)
+    image = image.crop((left, top, left + crop_w, top + crop_h))
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    array = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))

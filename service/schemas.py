@@ -1,0 +1,60 @@
+"""Response schemas (they make the OpenAPI document at /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    name: str
+    variant: str
+    task: str
+    input_size: list[int]
+    num_classes: int
+    precision: str
+    backend: str
+    device: str
+    max_batch_size: int
+    batch: dict[str, int]
+    weights: str = Field(description="'file', 'pretrained' or 'random-init' (untrained: predictions are meaningless)")
+    weights_sha256: str | None
+    random_init: bool
+
+
+class Prediction(BaseModel):
+    class_id: int
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class ClassifyResult(BaseModel):
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelInfo
+    results: list[ClassifyResult] = Field(description="one result per image, in request order")
+
+
+class ModelStatus(ModelInfo):
+    ready: bool
+    warmup_seconds: float | None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelStatus]
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

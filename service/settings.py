@@ -1,0 +1,42 @@
+"""All configuration of the service, in one place: `FOCAL_*` environment variables or CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BackendChoice = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+
+
+class Settings(BaseSettings):
+    """Every field can be set as FOCAL_<NAME> (e.g. FOCAL_MODELS=dir1,dir2, FOCAL_PORT=8080)."""
+
+    model_config = SettingsConfigDict(env_prefix="FOCAL_", extra="forbid")
+
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="export folders (python -m export output), comma-separated"
+    )
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    backend: BackendChoice = Field("auto", description="auto: TensorRT engine if usable, else onnxruntime")
+    max_batch_size: int | None = Field(None, ge=1, description="default: the export's max batch")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="wait after the first queued image for more")
+    max_queue_size: int = Field(256, ge=1, description="images waiting per model; more are refused with 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a queued image older than this gets 504")
+    preprocess_threads: int = Field(4, ge=1)
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads (0: one per core)")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(32, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time allowed for queued work")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
