@@ -15,6 +15,16 @@ from focal import CheckpointError, variant_names
 from focal.__main__ import parse_image_size
 
 
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--variant", required=True, help=f"one of {', '.join(variant_names())} (or an official long name)")
@@ -42,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, metavar="PATH", help="TensorRT timing cache, reused across builds")
     p.add_argument(
         "--model-kwargs",
-        type=json.loads,
+        type=_json_object,
         default={},
         metavar="JSON",
         help="official constructor keywords overriding the variant, e.g. '{\"num_classes\": 10}'",
@@ -77,8 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, CheckpointError, GraphGateError, VerificationError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("export interrupted (the output folder has no manifest until an export completes)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything unforeseen still ends in one line, not a traceback
+        print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     out = opts.out or opts.default_out()
-    engine = manifest["engine"]["path"] if manifest["engine"] else f"none ({manifest['engine_skipped_reason']})"
+    engine = manifest["engine"] or f"none ({manifest['engine_skipped_reason']})"
     print(
         f"exported {manifest['variant']} to {out} in {time.perf_counter() - start:.0f} s: "
         f"{manifest['onnx']}, engine {engine}"

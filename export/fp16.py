@@ -24,5 +24,22 @@ def convert_to_fp16(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
         model = float16.convert_float_to_float16(fp32, keep_io_types=True, op_block_list=block)
     model = fold_constants(model)  # the casts of fp32 LayerNorm weights back from fp16
+    _restore_layernorm_weights(fp32, model)
     onnx.save_model(model, str(path))
     return model
+
+
+def _restore_layernorm_weights(fp32: onnx.ModelProto, fp16: onnx.ModelProto) -> None:
+    """The converter rounds every initializer to fp16, also the scale/bias of the LayerNorms it keeps
+    in fp32 (up to ~5e-4 off); put the original fp32 values back (node names survive the conversion)."""
+    originals = {init.name: init for init in fp32.graph.initializer}
+    fp32_inputs = {n.name: list(n.input) for n in fp32.graph.node if n.op_type == "LayerNormalization"}
+    converted = {init.name: init for init in fp16.graph.initializer}
+    for node in fp16.graph.node:
+        if node.op_type != "LayerNormalization" or node.name not in fp32_inputs:
+            continue
+        for source, target in zip(fp32_inputs[node.name][1:], node.input[1:], strict=False):
+            init = converted.get(target)
+            if source in originals and init is not None and init.data_type == onnx.TensorProto.FLOAT:
+                init.CopyFrom(originals[source])
+                init.name = target

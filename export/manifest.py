@@ -15,14 +15,20 @@ FORMAT_VERSION = 1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Official evaluation transform: resize the short side to size * 256/224 (bicubic), centre crop.
+# Official evaluation transform: bicubic resize to 256/224 of the crop, centre crop.
 RESIZE_RATIO = 256 / 224
 
 
 def classification_preprocess(input_size: tuple[int, int]) -> dict[str, Any]:
+    """The official evaluation transform, generalised to non-square inputs.
+
+    The image is scaled, keeping its aspect ratio, to the smallest size that covers
+    `resize_to_cover` (for a square crop: its short side becomes 256/224 of the crop,
+    exactly the official `Resize(256)` for 224), then centre-cropped to `crop`.
+    """
     h, w = input_size
     return {
-        "resize_short_side": int(RESIZE_RATIO * min(h, w)),
+        "resize_to_cover": [int(RESIZE_RATIO * h), int(RESIZE_RATIO * w)],
         "crop": [h, w],
         "interpolation": "bicubic",
         "mean": list(IMAGENET_MEAN),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from export.fp16 import convert_to_fp16
 from export.graph_gate import check_graph
 from export.manifest import (
     FORMAT_VERSION,
+    MANIFEST_NAME,
     artifacts_intact,
     classification_preprocess,
     code_fingerprint,
@@ -95,12 +95,27 @@ class ExportOptions:
             )
         if self.min_batch != 1:
             raise ExportError("--min-batch must be 1: the service sends single requests as batches of 1")
-        if self.workspace_gib <= 0:
-            raise ExportError("--workspace-gib must be positive")
+        if not self.workspace_gib > 0:  # also refuses NaN
+            raise ExportError("--workspace-gib must be a positive number")
         try:
             get_variant(self.variant)
         except KeyError as exc:
             raise ExportError(str(exc.args[0])) from exc
+        if not isinstance(self.model_kwargs, dict):
+            raise ExportError("--model-kwargs must be a JSON object of official constructor keywords")
+        for key, why in (
+            ("img_size", "use --image-size"),
+            ("features_only", "feature backbones are for --task detect"),
+        ):
+            if key in self.model_kwargs:
+                raise ExportError(f"--model-kwargs cannot set {key}: {why}")
+        classes = self.model_kwargs.get("num_classes", 1)
+        if not isinstance(classes, int) or classes < 1:
+            raise ExportError("--model-kwargs num_classes must be a positive integer (the export serves a classifier)")
+        if self.labels is not None and not self.labels.is_file():
+            raise ExportError(f"--labels {self.labels}: no such file")
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise ExportError(f"--out {self.out}: exists and is not a folder")
 
 
 class Progress:
@@ -135,12 +150,18 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[
     num_classes = opts.model_kwargs.get("num_classes")
     if num_classes is None and state is not None and "head.weight" in state:
         num_classes = int(state["head.weight"].shape[0])
-    config = variant.config(**{**opts.model_kwargs, "img_size": opts.image_size, "num_classes": num_classes or 1000})
+    try:
+        config = variant.config(
+            **{**opts.model_kwargs, "img_size": opts.image_size, "num_classes": num_classes or 1000}
+        )
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise ExportError(f"cannot build {variant.name}: {exc}") from exc
     inputs = {
         "variant": variant.name,
         "task": opts.task,
         "input_size": list(opts.image_size),
         "precision": opts.precision,
+        "batch": [opts.min_batch, opts.opt_batch, opts.max_batch],
         "model_kwargs": opts.model_kwargs,
         "num_classes": config.num_classes,
         "weights": source.fingerprint(),
@@ -148,7 +169,9 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[
         "opset": OPSET,
         "code": code_fingerprint(),
         "versions": {
-            k: v for k, v in package_versions().items() if k in ("torch", "onnxscript", "onnxconverter-common")
+            k: v
+            for k, v in package_versions().items()
+            if k in ("torch", "onnx", "onnxscript", "onnxconverter-common", "onnxruntime", "onnxruntime-gpu")
         },
     }
     onnx_files = [FP32_ONNX] + ([FP16_ONNX] if opts.fp16 else [])
@@ -167,8 +190,13 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[
             with progress.step(title):
                 log("      unchanged inputs and artifacts (sha256 verified): reusing")
     else:
+        # A manifest must never describe artifacts it did not verify: drop the old one first,
+        # so an interrupted or failed export leaves no manifest at all.
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
         manifest = _export_fresh(opts, out, progress, config, state, source, log)
         manifest["inputs"] = inputs
+        manifest["versions"] = package_versions()
+        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     with progress.step("TensorRT engine"):
         _engine_step(opts, out, manifest, log)
@@ -177,8 +205,6 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[
         manifest["sha256"] = {
             name: sha256_file(out / name) for name in [*onnx_files, LABELS, *([ENGINE] if manifest["engine"] else [])]
         }
-        manifest["versions"] = package_versions()
-        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         path = write_manifest(out, manifest)
         log(f"      wrote {path}")
     return manifest
@@ -210,12 +236,13 @@ def _export_fresh(
             model = FocalTransformer(config).eval()
         except (ValueError, TypeError, NotImplementedError) as exc:
             raise ExportError(f"cannot build {opts.variant}: {exc}") from exc
+        adaptations: list[str] = []
         if state is not None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", CheckpointAdaptationWarning)
-                load_checkpoint(model, state)
-            for caught_warning in caught:
-                log(f"      checkpoint adapted: {caught_warning.message}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CheckpointAdaptationWarning)
+                adaptations = load_checkpoint(model, state).adaptations
+            for note in adaptations:
+                log(f"      checkpoint adapted: {note}")
         labels = _labels(opts, config.num_classes)
         (out / LABELS).write_text("\n".join(labels) + "\n")
         log(f"      {opts.variant} at {opts.image_size[0]}x{opts.image_size[1]}, {config.num_classes} classes")
@@ -253,7 +280,7 @@ def _export_fresh(
         "input_size": [height, width],
         "num_classes": config.num_classes,
         "random_init": source.kind == RANDOM_INIT,
-        "weights": source.manifest_entry(),
+        "weights": {**source.manifest_entry(), "adaptations": adaptations},
         "precision": opts.precision,
         "onnx": FP16_ONNX if opts.fp16 else FP32_ONNX,
         "onnx_fp32": FP32_ONNX,
@@ -266,14 +293,13 @@ def _export_fresh(
         "graph": {"node_count": report.node_count, "opset": report.opset, "op_counts": report.op_counts},
         "verification": verification,
         "engine": None,
+        "engine_info": None,
         "engine_skipped_reason": None,
     }
 
 
 def _labels(opts: ExportOptions, num_classes: int) -> list[str]:
     if opts.labels is not None:
-        if not opts.labels.is_file():
-            raise ExportError(f"--labels {opts.labels}: no such file")
         names = [line.strip() for line in opts.labels.read_text().splitlines() if line.strip()]
         if len(names) != num_classes:
             raise ExportError(f"--labels {opts.labels}: {len(names)} names for {num_classes} classes")
@@ -284,25 +310,37 @@ def _labels(opts: ExportOptions, num_classes: int) -> list[str]:
 
 
 def _engine_step(opts: ExportOptions, out: Path, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
+    def skip(reason: str) -> None:
+        manifest["engine"], manifest["engine_info"], manifest["engine_skipped_reason"] = None, None, reason
+        (out / ENGINE).unlink(missing_ok=True)  # never leave an engine the manifest does not describe
+        log(f"      skipped: {reason}")
+
     if opts.engine == "skip":
-        manifest["engine"], manifest["engine_skipped_reason"] = None, "--engine skip"
-        log("      skipped (--engine skip)")
+        skip("--engine skip")
         return
     probe = tensorrt_engine.probe()
     if not probe.available:
         if opts.engine == "required":
             raise ExportError(f"--engine required, but no engine can be built here: {probe.reason}")
-        manifest["engine"], manifest["engine_skipped_reason"] = None, probe.reason
-        log(f"      skipped: {probe.reason}")
+        skip(probe.reason or "TensorRT unavailable")
         return
-    previous = manifest.get("engine") or {}
-    same_target = (
-        previous.get("tensorrt_version") == probe.tensorrt_version
-        and previous.get("gpu_name") == probe.gpu_name
-        and previous.get("compute_capability") == probe.compute_capability
-    )
+    source = FP16_ONNX if opts.fp16 else FP32_ONNX
+    target = {
+        "tensorrt_version": probe.tensorrt_version,
+        "gpu_name": probe.gpu_name,
+        "compute_capability": probe.compute_capability,
+        "precision": opts.precision,
+        "batch": {"min": opts.min_batch, "opt": opts.opt_batch, "max": opts.max_batch},
+        "onnx_sha256": sha256_file(out / source),
+    }
+    previous = manifest.get("engine_info") or {}
     recorded = manifest.get("sha256", {}).get(ENGINE)
-    if same_target and recorded and (out / ENGINE).is_file() and sha256_file(out / ENGINE) == recorded:
+    if (
+        all(previous.get(k) == v for k, v in target.items())
+        and recorded
+        and (out / ENGINE).is_file()
+        and sha256_file(out / ENGINE) == recorded
+    ):
         log(f"      reusing {ENGINE} (built for {probe.gpu_name}, TensorRT {probe.tensorrt_version})")
         return
     h, w = opts.image_size
@@ -320,20 +358,7 @@ def _engine_step(opts: ExportOptions, out: Path, manifest: dict[str, Any], log: 
         )
     except tensorrt_engine.EngineError as exc:
         raise ExportError(str(exc)) from exc
-    manifest["engine"] = {
-        "path": ENGINE,
-        "precision": opts.precision,
-        "tensorrt_version": probe.tensorrt_version,
-        "gpu_name": probe.gpu_name,
-        "compute_capability": probe.compute_capability,
-        **details,
-    }
+    manifest["engine"] = ENGINE
+    manifest["engine_info"] = {**target, **details}
     manifest["engine_skipped_reason"] = None
     log(f"      built {ENGINE} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")
-
-
-def describe(manifest: dict[str, Any]) -> str:
-    """Short summary for the end of a run."""
-    return json.dumps(
-        {k: manifest[k] for k in ("variant", "task", "input_size", "precision", "onnx", "engine", "random_init")}
-    )

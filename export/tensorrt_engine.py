@@ -32,24 +32,41 @@ class TensorRTProbe:
 
 
 def probe() -> TensorRTProbe:
-    """Whether an engine can be built here, and on what."""
+    """Whether an engine can be built here, and on what (GPU queried with cuda-python, else torch)."""
     try:
         import tensorrt as trt
     except ImportError:
         return TensorRTProbe(False, "TensorRT is not installed (Python package 'tensorrt')")
+    gpu = _first_gpu()
+    if isinstance(gpu, str):
+        return TensorRTProbe(False, gpu, tensorrt_version=trt.__version__)
+    name, capability = gpu
+    return TensorRTProbe(True, tensorrt_version=trt.__version__, gpu_name=name, compute_capability=capability)
+
+
+def _first_gpu() -> tuple[str, str] | str:
+    """(name, compute capability) of GPU 0, or why there is none."""
+    try:
+        from cuda.bindings import runtime as cudart
+
+        error, count = cudart.cudaGetDeviceCount()
+        if int(error) != 0 or count < 1:
+            return "no CUDA GPU is visible"
+        error, props = cudart.cudaGetDeviceProperties(0)
+        if int(error) != 0:
+            return f"cannot query the GPU (CUDA error {error})"
+        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        return name.strip("\x00"), f"{props.major}.{props.minor}"
+    except ImportError:
+        pass
     try:
         import torch
-    except ImportError:  # pragma: no cover - the export always has torch
-        return TensorRTProbe(False, "torch is needed to query the GPU", tensorrt_version=trt.__version__)
+    except ImportError:
+        return "neither cuda-python nor torch is installed to query the GPU"
     if not torch.cuda.is_available():
-        return TensorRTProbe(False, "no CUDA GPU is visible", tensorrt_version=trt.__version__)
+        return "no CUDA GPU is visible (to torch; install cuda-python to query CUDA directly)"
     major, minor = torch.cuda.get_device_capability(0)
-    return TensorRTProbe(
-        True,
-        tensorrt_version=trt.__version__,
-        gpu_name=torch.cuda.get_device_name(0),
-        compute_capability=f"{major}.{minor}",
-    )
+    return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
 def build_engine(
@@ -101,18 +118,22 @@ def build_engine(
     if config.add_optimization_profile(profile) < 0:
         raise EngineError(f"invalid optimisation profile for batch {lo}/{opt}/{hi}")
 
-    cache = None
+    save_cache = False
     if timing_cache is not None:
         previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        log(f"timing cache {timing_cache} ({'reused' if previous else 'new'})")
+        accepted = config.set_timing_cache(config.create_timing_cache(previous), ignore_mismatch=False)
+        if previous and not accepted:  # made on another GPU type or TensorRT: keep it for its owner
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+            log(f"timing cache {timing_cache} is from another GPU or TensorRT version: not used, not overwritten")
+        else:
+            save_cache = True
+            log(f"timing cache {timing_cache} ({'reused' if previous else 'new'})")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError("TensorRT failed to build the engine (see its log above)")
     engine_path.write_bytes(bytes(serialized))
-    if timing_cache is not None:
+    if timing_cache is not None and save_cache:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return {

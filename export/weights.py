@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-
 RANDOM_INIT = "random-init"
 RANDOM_INIT_SEED = 0
 

@@ -394,7 +394,12 @@ class FocalTransformer(nn.Module):
         for _ in range(cfg.num_stages - 1):
             h, w = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
             sizes.append((h, w))
-        if sizes != self.resolutions or min(min(r) for r in self.resolutions) < 1:
+        if min(min(r) for r in [*sizes, *self.resolutions]) < 1:
+            raise ValueError(
+                f"input size {cfg.img_size[0]}x{cfg.img_size[1]} is too small: the last stage would be "
+                f"{sizes[-1][0]}x{sizes[-1][1]} (each side needs at least {cfg.patch_size << (cfg.num_stages - 1)})"
+            )
+        if sizes != self.resolutions:
             raise ValueError(
                 f"input size {cfg.img_size[0]}x{cfg.img_size[1]} does not work with this model: the stage "
                 f"sizes would be {sizes} but the official model expects {self.resolutions}; "

@@ -86,7 +86,7 @@ async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) 
     spec, max_pixels = model.preprocess, state.settings.max_pixels
 
     def one(data: bytes) -> np.ndarray:
-        return preprocess(decode(data, max_pixels, draft_short_side=spec.resize_short_side), spec)
+        return preprocess(decode(data, max_pixels, draft_short_side=spec.draft_short_side), spec)
 
     results = await asyncio.gather(
         *(loop.run_in_executor(state.preprocess_pool, one, data) for data in blobs), return_exceptions=True

@@ -7,7 +7,9 @@ EXIF orientation applied, and every mode converted to RGB (alpha composited on
 white, 16-bit scaled down, CMYK converted).
 
 Preprocessing follows the manifest's `preprocess` block exactly as the export
-recorded it: bicubic resize of the short side, centre crop, /255, mean/std.
+recorded it: bicubic resize (aspect kept) to cover `resize_to_cover`, centre
+crop, /255, mean/std. For a square crop that is the official evaluation
+transform: short side to 256/224 of the crop.
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ class ImageTooLarge(Exception):
 
 @dataclass(frozen=True)
 class Preprocess:
-    resize_short_side: int
+    resize_to_cover: tuple[int, int]  # (height, width)
     crop: tuple[int, int]  # (height, width)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def draft_short_side(self) -> int:
+        """A short side that always covers the resize target (for JPEG draft decoding)."""
+        return max(self.resize_to_cover)
 
     @classmethod
     def from_manifest(cls, spec: dict[str, Any]) -> Preprocess:
@@ -46,7 +53,7 @@ class Preprocess:
             raise ValueError(f"unsupported interpolation {spec.get('interpolation')!r}")
         mean, std = spec["mean"], spec["std"]
         return cls(
-            resize_short_side=int(spec["resize_short_side"]),
+            resize_to_cover=(int(spec["resize_to_cover"][0]), int(spec["resize_to_cover"][1])),
             crop=(int(spec["crop"][0]), int(spec["crop"][1])),
             mean=(float(mean[0]), float(mean[1]), float(mean[2])),
             std=(float(std[0]), float(std[1]), float(std[2])),
@@ -103,8 +110,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def preprocess(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """RGB image -> float32 [3, H, W], normalised as the export recorded."""
     width, height = image.size
-    short = spec.resize_short_side
-    size = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    cover_h, cover_w = spec.resize_to_cover
+    if cover_w / width >= cover_h / height:  # width decides (torchvision's Resize: the long side truncated)
+        size = (cover_w, int(height * cover_w / width))
+    else:
+        size = (int(width * cover_h / height), cover_h)
     if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC)
     crop_h, crop_w = spec.crop

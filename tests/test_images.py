@@ -9,7 +9,7 @@ from PIL import Image
 from service.images import ImageError, ImageTooLarge, Preprocess, decode, preprocess
 from tests.images import encode, exif_rotated_jpeg, photo
 
-SPEC = Preprocess(resize_short_side=256, crop=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+SPEC = Preprocess(resize_to_cover=(256, 256), crop=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,13 @@ def test_png_bomb_header_is_refused_cheaply() -> None:
     Image.new("1", (30000, 30000)).save(buffer, format="PNG")
     with pytest.raises(ImageTooLarge):
         decode(buffer.getvalue(), max_pixels=40_000_000)
+
+
+def test_non_square_crops_cover_both_sides() -> None:
+    """256x320 crop: resized to cover 292x365 whatever the image's shape, so no padding is needed."""
+    spec = Preprocess(resize_to_cover=(292, 365), crop=(256, 320), mean=SPEC.mean, std=SPEC.std)
+    for size in ((300, 600), (600, 300), (500, 500)):
+        out = preprocess(photo(size), spec)
+        assert out.shape == (3, 256, 320)
+        black = ((0 - np.array(spec.mean)) / np.array(spec.std)).reshape(3, 1, 1)
+        assert not np.isclose(out, black, atol=1e-4).all(axis=0).any()  # no zero-padded border pixel

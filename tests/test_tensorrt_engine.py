@@ -22,6 +22,7 @@ from export import tensorrt_engine
 class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.layers: list[Any] = []
 
 
 def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder) -> types.ModuleType:
@@ -43,6 +44,7 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder) -> types.M
     class Layer:
         def __init__(self, kind: str) -> None:
             self.type, self.precision = kind, None
+            rec.layers.append(self)
 
         def set_output_type(self, index: int, dtype: str) -> None:
             rec.calls.append(("output_type", (self.type, dtype)))
@@ -85,8 +87,8 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder) -> types.M
             rec.calls.append(("timing_cache_in", data))
             return Cache()
 
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> None:
-            pass
+        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
+            return True
 
         def get_timing_cache(self) -> Cache:
             return Cache()
@@ -138,6 +140,12 @@ def test_tensorrt10_fp16_uses_the_flag_on_the_fp32_onnx_and_pins_norm_and_softma
     assert details == {"built_from": "model.fp32.onnx", "strongly_typed": False, "fp16_flag": True}
     assert ("create_network", 0) in rec.calls
     assert ("flag", "fp16") in rec.calls
+    assert ("flag", "obey") in rec.calls  # without it TensorRT 10 treats the fp32 pins as hints only
+    assert {layer.type: layer.precision for layer in rec.layers} == {
+        "mm": None,
+        "norm": "float32",
+        "softmax": "float32",
+    }
     assert ("output_type", ("norm", "float32")) in rec.calls
     assert ("output_type", ("softmax", "float32")) in rec.calls
     assert ("profile", ("pixels", (1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))) in rec.calls

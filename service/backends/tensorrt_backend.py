@@ -35,7 +35,8 @@ class TensorRTBackend:
         except ImportError as exc:
             raise BackendUnavailable(f"TensorRT or cuda-python is not installed ({exc})") from exc
         self._cudart = cudart
-        engine_info = manifest["engine"]
+        engine_info = manifest["engine_info"]
+        engine_path = folder / manifest["engine"]
         props = _check(cudart.cudaGetDeviceProperties(0))
         gpu = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
         capability = f"{props.major}.{props.minor}"
@@ -48,9 +49,9 @@ class TensorRTBackend:
                 f"--engine required --out {folder}"
             )
         logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(logger).deserialize_cuda_engine((folder / engine_info["path"]).read_bytes())
+        engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
         if engine is None:
-            raise BackendUnavailable(f"{folder / engine_info['path']}: TensorRT could not deserialise the engine")
+            raise BackendUnavailable(f"{engine_path}: TensorRT could not deserialise the engine")
         self.engine, self.context = engine, engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
