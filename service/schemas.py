@@ -15,6 +15,7 @@ class ModelInfo(BaseModel):
     backend: str
     device: str
     max_batch_size: int
+    max_queue_delay_ms: float
     batch: dict[str, int]
     weights: str = Field(description="'file', 'pretrained' or 'random-init' (untrained: predictions are meaningless)")
     weights_sha256: str | None

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from service.images import Preprocess, decode, preprocess
+from service.launch import Server, running_server
 from tests.images import encode, exif_rotated_jpeg, photo
-from tests.server import Server, running_server
 
 Export = tuple[Path, dict[str, Any], str]
 
