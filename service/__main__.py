@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -55,27 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"cannot serve: {exc}", file=sys.stderr)
         return 2
-    state = app.state.service
-
-    def begin_draining() -> None:
-        if not state.draining:
-            log.info("shutdown requested: readiness is now false; finishing queued work")
-        state.draining = True
-
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        # uvicorn waits for in-flight requests (and so for their queued images) up to this;
+        # the batchers then get whatever is left of the same budget (ServiceState.drain_remaining).
+        timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; with
     # these no-op handlers in place that re-raise returns, and a graceful
     # shutdown exits 0 (what process supervisors expect).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    _Server(config, begin_draining).run()
+    _Server(config, app.state.service.begin_draining).run()
     return 0
 
 

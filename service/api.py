@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from service import errors
 from service.app import ServiceState
@@ -60,7 +61,7 @@ def _state(request: Request) -> ServiceState:
 async def _read_images(request: Request, limit: int) -> list[bytes]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=limit + 1, max_fields=limit + 16)
+        form = await request.form()  # Starlette's own caps (1000 parts) sit above ours; the body limit bounds size
         parts = form.getlist("image")
         if not parts:
             raise errors.BadImage("the multipart body has no part named 'image'")
@@ -102,11 +103,24 @@ async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) 
     return [r for r in results if isinstance(r, np.ndarray)]
 
 
-async def _infer(state: ServiceState, model: ServedModel, samples: list[np.ndarray]) -> list[np.ndarray]:
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _infer(
+    state: ServiceState, model: ServedModel, samples: list[np.ndarray], request: Request
+) -> list[np.ndarray]:
     timeout = state.settings.request_timeout_s
     tasks = [asyncio.ensure_future(model.batcher.submit(sample, timeout)) for sample in samples]
+    results = asyncio.ensure_future(asyncio.gather(*tasks))
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        return list(await asyncio.gather(*tasks))
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not results.done():  # nobody to answer: take the images out of the queue
+            raise ClientDisconnect()
+        return list(results.result())
     except QueueFull as exc:
         raise errors.Overloaded(str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
     except Draining as exc:
@@ -116,6 +130,7 @@ async def _infer(state: ServiceState, model: ServedModel, samples: list[np.ndarr
     except BackendError as exc:
         raise errors.BackendFailed(f"inference failed: {exc}") from exc
     finally:
+        gone.cancel()
         for task in tasks:  # a failed sibling or a vanished client: drop the rest from the queue
             task.cancel()
 
@@ -152,9 +167,11 @@ async def classify(
     model = _model_for(state, "classify")
     if top_k > len(model.labels):
         raise errors.InvalidParameter(f"top_k: must be at most the number of classes ({len(model.labels)})")
+    if model.batcher.queue_depth >= state.settings.max_queue_size:  # refuse before reading or decoding
+        raise errors.Overloaded(f"the queue of {model.name} is full", headers={"Retry-After": RETRY_AFTER_S})
     blobs = await _read_images(request, state.settings.max_images_per_request)
     samples = await _prepare(state, model, blobs)
-    outputs = await _infer(state, model, samples)
+    outputs = await _infer(state, model, samples, request)
     results = []
     for probs in softmax(np.stack(outputs).astype(np.float64)):
         top = np.argsort(-probs, kind="stable")[:top_k]

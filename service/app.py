@@ -22,16 +22,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from export.manifest import MANIFEST_NAME, read_manifest
 from service import errors
 from service.logs import request_id_var
 from service.metrics import Metrics
-from service.models import ModelLoadError, ServedModel, load_model, warm_up
+from service.models import ModelLoadError, ServedModel, check_manifest, load_model, warm_up
 from service.settings import Settings
 
 log = logging.getLogger("focal.service")
+FAILING_AFTER_BATCHES = 3  # this many failed batches in a row: not ready (an unrecoverable backend error)
 
 
 @dataclass
@@ -45,6 +46,13 @@ class ServiceState:
     loading: bool = True
     failed: str | None = None
     draining: bool = False
+    drain_deadline: float | None = None
+
+    def begin_draining(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            log.info("shutdown requested: readiness is now false; finishing queued work")
 
     def by_task(self, task: str) -> ServedModel | None:
         return next((m for m in self.models.values() if m.task == task), None)
@@ -59,15 +67,29 @@ class ServiceState:
         dead = [m.name for m in self.models.values() if not m.batcher.alive]
         if dead:
             return False, f"batch worker stopped: {', '.join(dead)}"
+        failing = [m.name for m in self.models.values() if m.batcher.consecutive_failures >= FAILING_AFTER_BATCHES]
+        if failing:
+            return False, f"backend failing (the last {FAILING_AFTER_BATCHES}+ batches failed): {', '.join(failing)}"
         return True, "ready"
 
     def liveness(self) -> tuple[bool, str]:
         if self.failed:
             return False, f"failed: {self.failed}"
-        dead = [m.name for m in self.models.values() if not m.batcher.alive and not self.draining]
-        if not self.loading and dead:
-            return False, f"batch worker stopped: {', '.join(dead)}"
+        if not self.loading and not self.draining:
+            dead = [m.name for m in self.models.values() if not m.batcher.alive]
+            if dead:
+                return False, f"batch worker stopped: {', '.join(dead)}"
+            stuck_after = 2 * self.settings.request_timeout_s
+            stuck = [m.name for m in self.models.values() if m.batcher.busy_for() > stuck_after]
+            if stuck:
+                return False, f"a batch has run for over {stuck_after:g} s (backend stuck): {', '.join(stuck)}"
         return True, "alive"
+
+    def drain_remaining(self) -> float:
+        """Seconds left of the one drain budget shared by uvicorn's shutdown and the batchers."""
+        if self.drain_deadline is None:
+            return self.settings.drain_timeout_s
+        return max(0.0, self.drain_deadline - time.monotonic())
 
 
 def check_model_folders(folders: list[Path]) -> None:
@@ -76,10 +98,8 @@ def check_model_folders(folders: list[Path]) -> None:
         raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
     tasks: dict[str, Path] = {}
     for folder in folders:
-        manifest = read_manifest(folder)
-        if manifest is None:
-            raise ModelLoadError(f"{folder}: no readable {MANIFEST_NAME} (is it a python -m export output folder?)")
-        task = str(manifest.get("task"))
+        manifest = check_manifest(folder)
+        task = str(manifest["task"])
         if task in tasks:
             raise ModelLoadError(f"{folder} and {tasks[task]} both serve task {task!r}; give one model per task")
         tasks[task] = folder
@@ -99,12 +119,11 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            state.draining = True
+            state.begin_draining()
             loader.cancel()
             for model in state.models.values():
-                drained = await model.batcher.drain(settings.drain_timeout_s)
-                if not drained:
-                    log.warning("%s: queue not drained within %.0f s", model.name, settings.drain_timeout_s)
+                if not await model.batcher.drain(state.drain_remaining()):
+                    log.warning("%s: queued work not finished within the drain timeout", model.name)
                 await model.batcher.stop()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
@@ -204,7 +223,7 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - start
             route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in KNOWN_PATHS else "unmatched")
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(seconds)
             if endpoint not in ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
@@ -245,10 +264,17 @@ def _add_error_handlers(app: FastAPI) -> None:
         error.status, error.code = exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(request, error)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        error = errors.ServiceError("the client closed the connection")
+        error.status, error.code = 499, "client_closed_request"  # nginx's convention; nobody reads it
+        return error_response(request, error)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(request, errors.ServiceError(f"internal error ({type(exc).__name__})"))
 
 
-_HTTP_CODES: dict[int, Any] = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_CODES: dict[int, Any] = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+KNOWN_PATHS = frozenset({"/classify", "/detect"})

@@ -94,7 +94,10 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._worker: asyncio.Task[None] | None = None
         self._accepting = False
+        self._forming: list[_Item] = []  # taken from the queue, batch not yet complete
         self.in_flight = 0
+        self.batch_started: float | None = None  # monotonic time the running batch started
+        self.consecutive_failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,13 +113,20 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def busy_for(self) -> float:
+        """Seconds the current batch has been running (0 when idle): a stuck backend shows here."""
+        return 0.0 if self.batch_started is None else time.monotonic() - self.batch_started
+
+    def _pending(self) -> int:
+        return self._queue.qsize() + len(self._forming) + self.in_flight
+
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new work, wait until the queue and the batch in flight are done. True if drained in time."""
         self._accepting = False
         end = time.monotonic() + timeout_s
-        while (self._queue.qsize() or self.in_flight) and time.monotonic() < end:
+        while self._pending() and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        return not (self._queue.qsize() or self.in_flight)
+        return not self._pending()
 
     async def stop(self) -> None:
         """Cancel the worker; anything still queued fails with `Draining`."""
@@ -125,11 +135,13 @@ class DynamicBatcher:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        leftovers = self._forming + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        self._forming = []
+        for item in leftovers:
             if not item.future.done():
                 item.future.set_exception(Draining("the server is shutting down"))
-        self._executor.shutdown(wait=True)
+        # Never block the event loop on a stuck backend call; the thread ends with the process.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ----------------------------------------------------------------------------
     async def submit(self, sample: np.ndarray, timeout_s: float) -> np.ndarray:
@@ -142,11 +154,14 @@ class DynamicBatcher:
         except asyncio.QueueFull:
             raise QueueFull(f"the queue of {self.name} is full ({self._queue.maxsize} waiting)") from None
         self.observer.queue_depth(self._queue.qsize())
-        return await future  # cancelling the caller cancels the future: the worker skips it
+        try:  # the deadline holds even if the backend hangs; the worker skips a cancelled future
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no result within the request timeout of {timeout_s:g} s") from None
 
     # -- worker ------------------------------------------------------------------------------
     async def _next_batch(self) -> list[_Item]:
-        batch = [await self._queue.get()]
+        batch = self._forming = [await self._queue.get()]  # visible to drain()/stop() while it forms
         window_end = time.monotonic() + self.max_queue_delay_s
         while len(batch) < self.max_batch_size:
             remaining = window_end - time.monotonic()
@@ -158,6 +173,7 @@ class DynamicBatcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self._forming = []
         return batch
 
     def _live(self, batch: list[_Item]) -> list[_Item]:
@@ -180,7 +196,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             self.in_flight = len(batch)
-            start = time.monotonic()
+            start = self.batch_started = time.monotonic()
             waits = [start - item.enqueued for item in batch]
             ok = False
             try:
@@ -192,16 +208,18 @@ class DynamicBatcher:
                     if not item.future.done():
                         item.future.set_result(output)
                 ok = True
+                self.consecutive_failures = 0
             except asyncio.CancelledError:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(Draining("the server is shutting down"))
                 raise
             except Exception as exc:  # one failed batch fails its own requests only
+                self.consecutive_failures += 1
                 error = exc if isinstance(exc, BackendError) else BackendError(f"{type(exc).__name__}: {exc}")
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
             finally:
-                self.in_flight = 0
+                self.in_flight, self.batch_started = 0, None
                 self.observer.batch_done(len(batch), waits, time.monotonic() - start, ok)

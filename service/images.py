@@ -115,16 +115,16 @@ def preprocess(image: Image.Image, spec: Preprocess) -> np.ndarray:
         size = (cover_w, int(height * cover_w / width))
     else:
         size = (int(width * cover_h / height), cover_h)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
     crop_h, crop_w = spec.crop
-    width, height = image.size
-    if crop_h > height or crop_w > width:  # a crop larger than the image: zero padding around it
-        padded = Image.new("RGB", (max(width, crop_w), max(height, crop_h)))
-        padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
-        image, (width, height) = padded, padded.size
-    top, left = round((height - crop_h) / 2), round((width - crop_w) / 2)
-    image = image.crop((left, top, left + crop_w, top + crop_h))
+    if crop_w > size[0] or crop_h > size[1]:  # rounding left the resized image a pixel short
+        size = (max(size[0], crop_w), max(size[1], crop_h))
+    # Resize only the region the centre crop keeps (Pillow's `box`): the same pixels as
+    # resizing the whole image and then cropping, without ever allocating the whole resized
+    # image (a 1x40000 image would otherwise become 256x10,240,000).
+    left, top = round((size[0] - crop_w) / 2), round((size[1] - crop_h) / 2)
+    sx, sy = width / size[0], height / size[1]
+    box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    image = image.resize((crop_w, crop_h), Image.Resampling.BICUBIC, box=box)
     pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
     array = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))

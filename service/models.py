@@ -59,7 +59,7 @@ class ServedModel:
             "task": m["task"],
             "input_size": m["input_size"],
             "num_classes": m["num_classes"],
-            "precision": m["precision"],
+            "precision": self.backend.precision,  # what runs (an fp16 export runs its fp32 graph on a CPU)
             "backend": self.backend.name,
             "device": self.backend.device,
             "max_batch_size": self.batcher.max_batch_size,
@@ -71,7 +71,8 @@ class ServedModel:
         }
 
 
-def load_model(folder: Path, settings: Settings, metrics: Metrics) -> ServedModel:
+def check_manifest(folder: Path) -> dict[str, Any]:
+    """The folder's manifest, if it can be served; otherwise `ModelLoadError` saying why. Cheap (no hashing)."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise ModelLoadError(f"{folder}: no readable {MANIFEST_NAME} (is it a python -m export output folder?)")
@@ -79,9 +80,18 @@ def load_model(folder: Path, settings: Settings, metrics: Metrics) -> ServedMode
         raise ModelLoadError(f"{folder}: manifest format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     if manifest.get("task") != "classify":
         raise ModelLoadError(f"{folder}: task {manifest.get('task')!r} cannot be served yet (only 'classify')")
+    for key in ("onnx", "onnx_fp32", "labels"):
+        if not (folder / str(manifest.get(key))).is_file():
+            raise ModelLoadError(f"{folder}: {manifest.get(key)} ({key}) is missing")
     labels = (folder / manifest["labels"]).read_text().splitlines()
     if len(labels) != manifest["num_classes"]:
         raise ModelLoadError(f"{folder}: {len(labels)} labels for {manifest['num_classes']} classes")
+    return manifest
+
+
+def load_model(folder: Path, settings: Settings, metrics: Metrics) -> ServedModel:
+    manifest = check_manifest(folder)
+    labels = (folder / manifest["labels"]).read_text().splitlines()
     backend = load_backend(folder, manifest, settings.backend, settings.intra_op_threads)
     name = f"{manifest['variant']}-{manifest['task']}"
     max_batch = min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size)

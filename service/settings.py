@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(32, ge=1)
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time allowed for queued work")
+    drain_timeout_s: float = Field(
+        25.0, ge=0, description="on SIGTERM, time allowed for queued work (below Kubernetes' default 30 s grace)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("models", mode="before")

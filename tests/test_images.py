@@ -96,3 +96,17 @@ def test_non_square_crops_cover_both_sides() -> None:
         assert out.shape == (3, 256, 320)
         black = ((0 - np.array(spec.mean)) / np.array(spec.std)).reshape(3, 1, 1)
         assert not np.isclose(out, black, atol=1e-4).all(axis=0).any()  # no zero-padded border pixel
+
+
+def test_extreme_aspect_ratios_are_cheap() -> None:
+    """A 1x40000 strip: only the cropped region is ever resized (not a 256 x 10,240,000 image)."""
+    import resource
+    import time
+
+    strip = Image.new("RGB", (1, 40000), (10, 200, 30))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    out = preprocess(decode(encode(strip, "PNG"), 10**7), SPEC)
+    assert out.shape == (3, 224, 224)
+    assert time.perf_counter() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below the 10 GB

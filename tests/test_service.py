@@ -183,6 +183,39 @@ def test_bad_input_gets_its_error_and_the_server_carries_on(
     assert ok.status_code == 200
 
 
+def test_chunked_body_over_the_limit_is_refused_while_reading(server: Server) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while streaming
+        for _ in range(22):
+            yield b"\xff" * (1024 * 1024)
+
+    response = httpx.post(
+        f"{server.url}/classify", content=chunks(), headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_extreme_aspect_ratio_is_served(server: Server) -> None:
+    strip = encode(Image.new("RGB", (1, 40000), (30, 90, 200)), "PNG")
+    response = httpx.post(f"{server.url}/classify", content=strip, headers={"Content-Type": "image/png"}, timeout=60)
+    assert response.status_code == 200
+
+
+def test_large_photo_through_jpeg_draft_matches_the_reference_closely(server: Server, tiny_export: Export) -> None:
+    """A 1920x1080 JPEG is decoded at reduced scale (draft); the top prediction still agrees with full decode."""
+    data = encode(photo((1920, 1080), seed=9), "JPEG", quality=92)
+    response = httpx.post(f"{server.url}/classify?top_k=1", content=data, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200
+    probs = _reference(tiny_export, [data])[0]
+    assert response.json()["results"][0]["predictions"][0]["score"] == pytest.approx(probs.max(), rel=0.05)
+
+
+def test_fp16_export_reports_the_precision_that_runs_on_the_cpu(server: Server, tiny_export: Export) -> None:
+    assert tiny_export[1]["precision"] == "fp16"
+    model = httpx.get(f"{server.url}/v1/models").json()["models"][0]
+    assert (model["device"], model["precision"]) == ("cpu", "fp32")  # the fp32 graph: fp16 on a CPU is slower
+
+
 def test_probes_models_metrics_and_docs(server: Server) -> None:
     for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
         assert httpx.get(server.url + path).json()["status"] == "ok"
@@ -245,21 +278,47 @@ def test_overload_is_refused_promptly_with_retry_after(tiny_export: Export) -> N
         assert elapsed < 30  # nothing hung
 
 
+def test_images_of_clients_that_went_away_are_dropped_before_running(tiny_export: Export) -> None:
+    with running_server(tiny_export[0], max_batch_size="1", max_queue_delay_ms="0") as srv:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(timeout=0.3) as client:  # they give up while queued
+                await asyncio.gather(
+                    *(client.post(f"{srv.url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"})
+                      for _ in range(12)),
+                    return_exceptions=True,
+                )  # fmt: skip
+
+        asyncio.run(scenario())
+        time.sleep(1.5)  # let the batcher reach the abandoned images
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        dropped = re.search(r'^focal_dropped_images_total\{[^}]*reason="cancelled"\} (\S+)', metrics, re.MULTILINE)
+        images = re.search(r"^focal_batch_images_total\{[^}]*\} (\S+)", metrics, re.MULTILINE)
+        assert dropped
+        assert float(dropped.group(1)) >= 1
+        assert images
+        assert float(images.group(1)) < 12 + 3
+
+
 def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(tiny_export: Export) -> None:
     with running_server(tiny_export[0], max_batch_size="2", max_queue_delay_ms="0") as srv:
 
-        async def scenario() -> tuple[list[Any], str]:
+        async def scenario() -> tuple[list[Any], list[float], float, str]:
+            finished: list[float] = []
+
+            async def one(client: httpx.AsyncClient) -> httpx.Response:
+                response = await client.post(
+                    f"{srv.url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"}
+                )
+                finished.append(time.monotonic())
+                return response
+
             async with httpx.AsyncClient(timeout=60) as client:
-                tasks = [
-                    asyncio.ensure_future(
-                        client.post(
-                            f"{srv.url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"}
-                        )
-                    )
-                    for _ in range(12)
-                ]
-                await asyncio.sleep(1.0)  # all sent and queued; a few batches done
+                tasks = [asyncio.ensure_future(one(client)) for _ in range(24)]  # ~1.5 s of work at 2 cores
+                while not finished:  # the first answers came back: the rest is queued or running
+                    await asyncio.sleep(0.01)
                 srv.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
                 await asyncio.sleep(0.3)
                 try:
                     async with httpx.AsyncClient(timeout=5) as fresh:
@@ -269,9 +328,11 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(tiny_export: Expor
                     late_outcome = str(late.status_code)
                 except httpx.TransportError:
                     late_outcome = "refused"
-                return list(await asyncio.gather(*tasks, return_exceptions=True)), late_outcome
+                return list(await asyncio.gather(*tasks, return_exceptions=True)), finished, signalled, late_outcome
 
-        results, late_outcome = asyncio.run(scenario())
-        assert [r.status_code for r in results if isinstance(r, httpx.Response)] == [200] * 12, results
+        results, finished, signalled, late_outcome = asyncio.run(scenario())
+        assert [r.status_code for r in results if isinstance(r, httpx.Response)] == [200] * 24, results
+        assert sum(t > signalled for t in finished) >= 5  # queued work finished after the signal
         assert late_outcome in ("refused", "503")
         assert srv.process.wait(timeout=60) == 0
+        assert "shutdown requested" in srv.logs()

@@ -32,6 +32,7 @@ class OnnxRuntimeBackend:
             # The fp16 graph is for GPUs; on the CPU onnxruntime would run it through casts, slowly.
             self.session, self.onnx = self._open(manifest["onnx_fp32"], [CPU])
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
+        self.precision = "fp32" if self.onnx == manifest["onnx_fp32"] else str(manifest["precision"])
         self.input_name = self.session.get_inputs()[0].name
 
     def _open(self, onnx_name: str, providers: list[str]) -> tuple[ort.InferenceSession, str]:

@@ -9,6 +9,7 @@ command that rebuilds it here.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class TensorRTBackend:
         engine_info = manifest["engine_info"]
         engine_path = folder / manifest["engine"]
         props = _check(cudart.cudaGetDeviceProperties(0))
-        gpu = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        gpu = (props.name.decode() if isinstance(props.name, bytes) else str(props.name)).strip("\x00")
         capability = f"{props.major}.{props.minor}"
         built = (engine_info.get("tensorrt_version"), engine_info.get("compute_capability"))
         if built != (trt.__version__, capability):
@@ -49,7 +50,10 @@ class TensorRTBackend:
                 f"--engine required --out {folder}"
             )
         logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+        data = engine_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest.get("sha256", {}).get(manifest["engine"]):
+            raise BackendUnavailable(f"{engine_path}: sha256 differs from the manifest (damaged or replaced file)")
+        engine = trt.Runtime(logger).deserialize_cuda_engine(data)
         if engine is None:
             raise BackendUnavailable(f"{engine_path}: TensorRT could not deserialise the engine")
         self.engine, self.context = engine, engine.create_execution_context()
@@ -62,6 +66,7 @@ class TensorRTBackend:
         self.sample_shape = tuple(int(d) for d in max_shape[1:])
         classes = int(manifest["num_classes"])
         self.device = f"cuda:0 ({gpu})"
+        self.precision = str(engine_info.get("precision", manifest["precision"]))
         self.stream = _check(cudart.cudaStreamCreate())
         in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
         out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.output_name)))
@@ -87,7 +92,8 @@ class TensorRTBackend:
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         in_bytes = n * self.host_in[0].nbytes
         _check(cudart.cudaMemcpyAsync(self.device_in, self.host_in.ctypes.data, in_bytes, h2d, self.stream))
-        self.context.set_input_shape(self.input_name, (n, *self.sample_shape))
+        if not self.context.set_input_shape(self.input_name, (n, *self.sample_shape)):
+            raise RuntimeError(f"TensorRT refused input shape {(n, *self.sample_shape)}")
         if not self.context.execute_async_v3(int(self.stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         out_bytes = n * self.host_out[0].nbytes

@@ -17,6 +17,7 @@ from service.backends import BackendUnavailable
 class TorchBackend:
     name = "torch"
     device = "cpu"
+    precision = "fp32"
 
     def __init__(self, manifest: dict[str, Any]) -> None:
         try:
