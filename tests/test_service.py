@@ -93,22 +93,23 @@ def test_classify_multipart_with_several_images_keeps_their_order(server: Server
     assert all(p["label"] in labels for r in body["results"] for p in r["predictions"])
 
 
-def test_32_concurrent_requests_are_batched(server: Server) -> None:
-    async def scenario() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return list(
-                await asyncio.gather(
-                    *(
-                        client.post(
-                            f"{server.url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"}
-                        )
-                        for _ in range(32)
-                    )
-                )
-            )
+def _post_concurrently(url: str, count: int, timeout_s: float = 60) -> list[Any]:
+    """`count` simultaneous JPEG classify requests; responses (or the client's exceptions) in order."""
 
+    async def scenario() -> list[Any]:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            requests = (
+                client.post(f"{url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"})
+                for _ in range(count)
+            )
+            return list(await asyncio.gather(*requests, return_exceptions=True))
+
+    return asyncio.run(scenario())
+
+
+def test_32_concurrent_requests_are_batched(server: Server) -> None:
     before = _batch_histogram(server)
-    responses = asyncio.run(scenario())
+    responses = _post_concurrently(server.url, 32)
     assert [r.status_code for r in responses] == [200] * 32
     first = responses[0].json()["results"]
     assert all(r.json()["results"] == first for r in responses)
@@ -252,22 +253,8 @@ def test_detect_without_a_detection_model_is_404(server: Server) -> None:
 
 def test_overload_is_refused_promptly_with_retry_after(tiny_export: Export) -> None:
     with running_server(tiny_export[0], max_batch_size="1", max_queue_size="2", max_queue_delay_ms="0") as srv:
-
-        async def scenario() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=60) as client:
-                return list(
-                    await asyncio.gather(
-                        *(
-                            client.post(
-                                f"{srv.url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"}
-                            )
-                            for _ in range(24)
-                        )
-                    )
-                )
-
         start = time.monotonic()
-        responses = asyncio.run(scenario())
+        responses = _post_concurrently(srv.url, 24)
         elapsed = time.monotonic() - start
         codes = [r.status_code for r in responses]
         refused = [r for r in responses if r.status_code == 429]
@@ -280,16 +267,7 @@ def test_overload_is_refused_promptly_with_retry_after(tiny_export: Export) -> N
 
 def test_images_of_clients_that_went_away_are_dropped_before_running(tiny_export: Export) -> None:
     with running_server(tiny_export[0], max_batch_size="1", max_queue_delay_ms="0") as srv:
-
-        async def scenario() -> None:
-            async with httpx.AsyncClient(timeout=0.3) as client:  # they give up while queued
-                await asyncio.gather(
-                    *(client.post(f"{srv.url}/classify", content=IMAGES["jpeg"], headers={"Content-Type": "image/jpeg"})
-                      for _ in range(12)),
-                    return_exceptions=True,
-                )  # fmt: skip
-
-        asyncio.run(scenario())
+        _post_concurrently(srv.url, 12, timeout_s=0.3)  # they give up while queued
         time.sleep(1.5)  # let the batcher reach the abandoned images
         metrics = httpx.get(f"{srv.url}/metrics").text
         dropped = re.search(r'^focal_dropped_images_total\{[^}]*reason="cancelled"\} (\S+)', metrics, re.MULTILINE)
