@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from export.engine import ENGINE_MODES
 from export.graph_gate import GraphGateError
-from export.pipeline import ENGINE_MODES, TASKS, ExportError, ExportOptions, run_export
+from export.pipeline import TASKS, ExportError, ExportOptions, run_export
 from export.verify import VerificationError
 from focal import CheckpointError, variant_names
 from focal.__main__ import parse_image_size

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from export import tensorrt_engine
+from export.engine import ENGINE, ENGINE_MODES, ensure_engine
 from export.fp16 import convert_to_fp16
 from export.graph_gate import check_graph
 from export.manifest import (
@@ -40,10 +41,8 @@ from focal import CheckpointAdaptationWarning, FocalTransformer, get_variant, im
 from focal.checkpoint import read_state_dict
 
 TASKS = ("classify", "detect")
-ENGINE_MODES = ("auto", "required", "skip")
 FP32_ONNX = "model.fp32.onnx"
 FP16_ONNX = "model.fp16.onnx"
-ENGINE = "model.engine"
 LABELS = "labels.txt"
 
 
@@ -310,55 +309,9 @@ def _labels(opts: ExportOptions, num_classes: int) -> list[str]:
 
 
 def _engine_step(opts: ExportOptions, out: Path, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
-    def skip(reason: str) -> None:
-        manifest["engine"], manifest["engine_info"], manifest["engine_skipped_reason"] = None, None, reason
-        (out / ENGINE).unlink(missing_ok=True)  # never leave an engine the manifest does not describe
-        log(f"      skipped: {reason}")
-
-    if opts.engine == "skip":
-        skip("--engine skip")
-        return
-    probe = tensorrt_engine.probe()
-    if not probe.available:
-        if opts.engine == "required":
-            raise ExportError(f"--engine required, but no engine can be built here: {probe.reason}")
-        skip(probe.reason or "TensorRT unavailable")
-        return
-    source = FP16_ONNX if opts.fp16 else FP32_ONNX
-    target = {
-        "tensorrt_version": probe.tensorrt_version,
-        "gpu_name": probe.gpu_name,
-        "compute_capability": probe.compute_capability,
-        "precision": opts.precision,
-        "batch": {"min": opts.min_batch, "opt": opts.opt_batch, "max": opts.max_batch},
-        "onnx_sha256": sha256_file(out / source),
-    }
-    previous = manifest.get("engine_info") or {}
-    recorded = manifest.get("sha256", {}).get(ENGINE)
-    if (
-        all(previous.get(k) == v for k, v in target.items())
-        and recorded
-        and (out / ENGINE).is_file()
-        and sha256_file(out / ENGINE) == recorded
-    ):
-        log(f"      reusing {ENGINE} (built for {probe.gpu_name}, TensorRT {probe.tensorrt_version})")
-        return
-    h, w = opts.image_size
     try:
-        details = tensorrt_engine.build_engine(
-            fp32_onnx=out / FP32_ONNX,
-            fp16_onnx=out / FP16_ONNX if opts.fp16 else None,
-            engine_path=out / ENGINE,
-            input_name=INPUT_NAME,
-            input_shape=(3, h, w),
-            batch=(opts.min_batch, opts.opt_batch, opts.max_batch),
-            workspace_bytes=int(opts.workspace_gib * (1 << 30)),
-            timing_cache=opts.timing_cache,
-            log=lambda m: log(f"      {m}"),
+        ensure_engine(
+            out, manifest, opts.engine, opts.workspace_gib, opts.timing_cache, log=lambda m: log(f"      {m}")
         )
     except tensorrt_engine.EngineError as exc:
         raise ExportError(str(exc)) from exc
-    manifest["engine"] = ENGINE
-    manifest["engine_info"] = {**target, **details}
-    manifest["engine_skipped_reason"] = None
-    log(f"      built {ENGINE} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")

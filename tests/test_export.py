@@ -225,3 +225,25 @@ def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     result = run_cli("--variant", "focal_huge", "--random-init", "--out", str(tmp_path))
     assert result.returncode == 1
     assert "unknown variant 'focal_huge'" in result.stderr
+
+
+def test_engine_command_copies_an_export_and_records_why_there_is_no_engine(
+    tiny_export: tuple[Path, dict[str, Any], str], tmp_path: Path
+) -> None:
+    """`python -m export.engine` as the init container runs it; without TensorRT it must say so."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "cache" / "model"
+    cmd = [sys.executable, "-m", "export.engine", "--source", str(tiny_export[0]), "--model", str(target)]
+    auto = subprocess.run([*cmd, "--engine", "auto"], capture_output=True, text=True, timeout=120)
+    assert auto.returncode == 0, auto.stderr
+    manifest = json.loads((target / MANIFEST_NAME).read_text())
+    assert manifest["engine"] is None
+    assert manifest["engine_skipped_reason"]
+    assert sha256_file(target / manifest["onnx"]) == tiny_export[1]["sha256"][manifest["onnx"]]
+    if not _tensorrt_present():
+        required = subprocess.run([*cmd, "--engine", "required"], capture_output=True, text=True, timeout=120)
+        assert required.returncode == 1
+        assert "no engine can be built here" in required.stderr
+        assert "already holds this export" in required.stdout
