@@ -1,0 +1,187 @@
+"""Deployment files, checked as far as a machine without Docker or a cluster can: hadolint, strict
+Kubernetes schema validation (base and the rendered CPU overlay), `docker compose config`, yamllint,
+and the facts the service relies on (probe paths, ports, GPU limits, security, setting names, metric)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.metrics import QUEUE_DEPTH_METRIC
+from service.settings import Settings
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+K8S = ROOT / "k8s"
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or pytest.fail(f"{name} is not installed"))
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _base_resources() -> dict[str, dict[str, Any]]:
+    kustomization = _load(K8S / "base" / "kustomization.yaml")
+    docs = [_load(K8S / "base" / name) for name in kustomization["resources"]]
+    return {doc["kind"]: doc for doc in docs}
+
+
+def _apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 add/remove/replace, as kustomize applies the overlay's patches."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key: Any = int(last) if isinstance(node, list) else last
+        if op["op"] == "remove":
+            del node[key]
+        elif op["op"] in ("replace", "add"):
+            if op["op"] == "replace":
+                assert (key < len(node)) if isinstance(node, list) else (key in node), op["path"]
+            node[key] = op["value"]
+    return doc
+
+
+def _cpu_overlay() -> dict[str, dict[str, Any]]:
+    resources = _base_resources()
+    overlay = _load(K8S / "overlays" / "cpu" / "kustomization.yaml")
+    assert overlay["resources"] == ["../../base"]
+    for patch in overlay["patches"]:
+        kind = patch["target"]["kind"]
+        ops = json.loads((K8S / "overlays" / "cpu" / patch["path"]).read_text())
+        resources[kind] = _apply_json_patch(resources[kind], ops)
+    return resources
+
+
+def test_hadolint_finds_nothing() -> None:
+    result = _run(_tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_targets_run_as_non_root_with_the_service_as_entrypoint() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    for target in ("cpu", "gpu", "export"):
+        assert f" AS {target}\n" in text
+    assert text.count("USER 10001") == 3
+    assert text.count('ENTRYPOINT ["python", "-m", "service"]') == 2
+    assert text.count("HEALTHCHECK") == 2
+    assert "/healthz" in text
+    assert ":latest" not in text
+
+
+@pytest.mark.parametrize("overlay", ["base", "cpu"])
+def test_manifests_pass_strict_schema_validation(overlay: str, tmp_path: Path) -> None:
+    resources = _base_resources() if overlay == "base" else _cpu_overlay()
+    files = []
+    for kind, doc in resources.items():
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    result = _run(_tool("kubernetes-validate"), "--strict", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_file_is_valid(profile: str) -> None:
+    result = _run(_tool("docker-compose"), "--profile", profile, "config", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_yamllint_passes_on_all_yaml() -> None:
+    result = _run(_tool("yamllint"), "--strict", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _container(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    containers = resources["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def test_probes_ports_and_gpu_limits() -> None:
+    resources = _base_resources()
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    container = _container(resources)
+    port = container["ports"][0]
+    assert (port["name"], port["containerPort"]) == ("http", int(resources["ConfigMap"]["data"]["FOCAL_PORT"]))
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # load + warm-up
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["initContainers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "export.engine" in pod["initContainers"][0]["command"]
+    annotations = resources["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+    assert resources["Service"]["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_security_context_and_graceful_termination() -> None:
+    resources = _base_resources()
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["initContainers"] + pod["containers"]:
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])  # writable scratch
+    pre_stop = _container(resources)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(resources["ConfigMap"]["data"]["FOCAL_DRAIN_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert pod["topologySpreadConstraints"] or pod["affinity"]["podAntiAffinity"]
+
+
+def test_every_setting_named_in_the_deployment_exists() -> None:
+    known = {f"FOCAL_{name.upper()}" for name in Settings.model_fields}
+    for resources in (_base_resources(), _cpu_overlay()):
+        assert set(resources["ConfigMap"]["data"]) <= known
+        Settings(**{k.removeprefix("FOCAL_").lower(): v for k, v in resources["ConfigMap"]["data"].items()})
+    compose = _load(ROOT / "docker-compose.yml")
+    for name, service in compose["services"].items():
+        names = set(service.get("environment", {})) - {"<<"}
+        assert names <= known, name
+    assert set(compose["x-service-env"]) <= known
+
+
+def test_hpa_scales_on_a_metric_the_service_exports() -> None:
+    hpa = _base_resources()["HorizontalPodAutoscaler"]
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Pods"]["pods"]["metric"]["name"] == QUEUE_DEPTH_METRIC == "focal_queue_depth"
+    assert metrics["Resource"]["resource"]["name"] == "cpu"  # the documented fallback
+    assert hpa["spec"]["scaleTargetRef"]["name"] == _base_resources()["Deployment"]["metadata"]["name"]
+
+
+def test_cpu_overlay_has_no_gpu_in_it() -> None:
+    resources = _cpu_overlay()
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert "nvidia.com/gpu" not in json.dumps(pod)
+    assert _container(resources)["image"].startswith("focal-serve:cpu")
+    mounts = {m["mountPath"]: m["name"] for m in _container(resources)["volumeMounts"]}
+    assert resources["ConfigMap"]["data"]["FOCAL_MODELS"].startswith("/models/")
+    assert mounts["/models"] == "models"
+    assert {v["name"] for v in pod["volumes"]} == {"models", "tmp"}
