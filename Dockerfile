@@ -17,16 +17,16 @@ COPY export/ export/
 COPY service/ service/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# --- CPU serving ---------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS cpu
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    FOCAL_HOST=0.0.0.0 \
-    FOCAL_PORT=8000 \
-    FOCAL_MODELS=/models/model
+# --- what the CPU serving and export images share ---------------------------------------------
+FROM ${PYTHON_IMAGE} AS python-runtime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin focal \
-    && mkdir -p /models /cache \
-    && chown 10001:10001 /models /cache
+    && mkdir -p /models /cache /home/focal \
+    && chown 10001:10001 /models /cache /home/focal
+
+# --- CPU serving ---------------------------------------------------------------------------
+FROM python-runtime AS cpu
+ENV FOCAL_HOST=0.0.0.0 FOCAL_PORT=8000 FOCAL_MODELS=/models/model
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir "$(find /wheels -name 'focal_serve-*.whl')[cpu]" \
     && rm -rf /wheels
@@ -38,11 +38,8 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=120s \
 ENTRYPOINT ["python", "-m", "service"]
 
 # --- export (one-shot) ---------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS export
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 FOCAL_CACHE_DIR=/cache/checkpoints
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin focal \
-    && mkdir -p /models /cache \
-    && chown 10001:10001 /models /cache
+FROM python-runtime AS export
+ENV FOCAL_CACHE_DIR=/cache/checkpoints
 COPY --from=wheel /wheels /wheels
 # torch from PyTorch's CPU index: PyPI's default Linux build is the multi-GB CUDA one.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
