@@ -66,8 +66,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin focal \
-    && mkdir -p /models /cache \
-    && chown 10001:10001 /models /cache
+    && mkdir -p /models /cache /home/focal \
+    && chown 10001:10001 /models /cache /home/focal
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir "$(find /wheels -name 'focal_serve-*.whl')[gpu]" \
     && rm -rf /wheels

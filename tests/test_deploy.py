@@ -149,7 +149,9 @@ def test_security_context_and_graceful_termination() -> None:
         assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"]["drop"] == ["ALL"]
         assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])  # writable scratch
-    pre_stop = _container(resources)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    pre_stop_command = _container(resources)["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop_command[0] == "sleep"
+    pre_stop = float(pre_stop_command[1])
     drain = float(resources["ConfigMap"]["data"]["FOCAL_DRAIN_TIMEOUT_S"])
     assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
     assert pod["topologySpreadConstraints"] or pod["affinity"]["podAntiAffinity"]
@@ -165,6 +167,7 @@ def test_every_setting_named_in_the_deployment_exists() -> None:
         names = set(service.get("environment", {})) - {"<<"}
         assert names <= known, name
     assert set(compose["x-service-env"]) <= known
+    assert "replicas" not in _base_resources()["Deployment"]["spec"]  # the HPA owns it
 
 
 def test_hpa_scales_on_a_metric_the_service_exports() -> None:
