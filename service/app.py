@@ -98,7 +98,7 @@ def check_model_folders(folders: list[Path]) -> None:
         raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
     tasks: dict[str, Path] = {}
     for folder in folders:
-        manifest = check_manifest(folder)
+        manifest, _ = check_manifest(folder)
         task = str(manifest["task"])
         if task in tasks:
             raise ModelLoadError(f"{folder} and {tasks[task]} both serve task {task!r}; give one model per task")
@@ -216,8 +216,7 @@ class RequestContextMiddleware:
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > limit:  # refused before reading a byte of it
                 error = errors.PayloadTooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
-                body = {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
-                await JSONResponse(body, status_code=error.status)(scope, receive, send_with_id)
+                await JSONResponse(error.body(request_id), status_code=error.status)(scope, receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
@@ -239,8 +238,7 @@ class RequestContextMiddleware:
 
 def error_response(request: Request, error: errors.ServiceError) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "")
-    body = {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return JSONResponse(error.body(request_id), status_code=error.status, headers=error.headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

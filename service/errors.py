@@ -12,6 +12,10 @@ class ServiceError(Exception):
         self.message = message
         self.headers = headers or {}
 
+    def body(self, request_id: str) -> dict[str, dict[str, str]]:
+        """The JSON body every error response carries."""
+        return {"error": {"code": self.code, "message": self.message, "request_id": request_id}}
+
 
 class BadImage(ServiceError):
     status, code = 400, "bad_image"

@@ -71,8 +71,10 @@ class ServedModel:
         }
 
 
-def check_manifest(folder: Path) -> dict[str, Any]:
-    """The folder's manifest, if it can be served; otherwise `ModelLoadError` saying why. Cheap (no hashing)."""
+def check_manifest(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """The folder's manifest and labels, if it can be served; otherwise `ModelLoadError` saying why.
+
+    Cheap (no hashing): run at start-up for every folder, before anything is loaded."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise ModelLoadError(f"{folder}: no readable {MANIFEST_NAME} (is it a python -m export output folder?)")
@@ -86,12 +88,11 @@ def check_manifest(folder: Path) -> dict[str, Any]:
     labels = (folder / manifest["labels"]).read_text().splitlines()
     if len(labels) != manifest["num_classes"]:
         raise ModelLoadError(f"{folder}: {len(labels)} labels for {manifest['num_classes']} classes")
-    return manifest
+    return manifest, labels
 
 
 def load_model(folder: Path, settings: Settings, metrics: Metrics) -> ServedModel:
-    manifest = check_manifest(folder)
-    labels = (folder / manifest["labels"]).read_text().splitlines()
+    manifest, labels = check_manifest(folder)
     backend = load_backend(folder, manifest, settings.backend, settings.intra_op_threads)
     name = f"{manifest['variant']}-{manifest['task']}"
     max_batch = min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size)
