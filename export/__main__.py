@@ -32,13 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="classify")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument(
-        "--weights", type=Path, metavar="PATH", help="local checkpoint (.pth, state dict, .safetensors)"
+        "--weights",
+        type=Path,
+        metavar="PATH",
+        help="local checkpoint (.pth, state dict, .safetensors); for --task detect an mmdetection RetinaNet one",
     )
     weights.add_argument(
-        "--pretrained", action="store_true", help="download the official checkpoint (default when no weights are given)"
+        "--pretrained",
+        action="store_true",
+        help="download the official ImageNet checkpoint (the default for classify; for detect: the backbone)",
     )
     weights.add_argument("--random-init", action="store_true", help="untrained weights, marked as such everywhere")
-    p.add_argument("--image-size", type=parse_image_size, default=(224, 224), metavar="N|HxW")
+    weights.add_argument(
+        "--backbone-weights",
+        type=Path,
+        metavar="PATH",
+        help="--task detect: initialise the backbone from an ImageNet classification checkpoint (FPN, head untrained)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=parse_image_size,
+        default=None,
+        metavar="N|HxW",
+        help="classify: the input size (default 224); detect: the static canvas images are letterboxed into "
+        "(default 640x640; 800x1344 is the paper's setting)",
+    )
     p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=8)
@@ -70,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         pretrained=args.pretrained,
         random_init=args.random_init,
+        backbone_weights=args.backbone_weights,
         image_size=args.image_size,
         fp16=args.fp16,
         min_batch=args.min_batch,

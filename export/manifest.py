@@ -38,6 +38,23 @@ def classification_preprocess(input_size: tuple[int, int]) -> dict[str, Any]:
     }
 
 
+def letterbox_preprocess(canvas: tuple[int, int]) -> dict[str, Any]:
+    """mmdetection's test transform for a fixed canvas: resize keeping the aspect ratio to fit
+    inside it, normalise, pad bottom/right with zeros (the mean colour after normalisation)."""
+    h, w = canvas
+    return {
+        "resize": "letterbox",
+        "canvas": [h, w],
+        "scale": "min(canvas_h / image_h, canvas_w / image_w); resized side = int(side * scale + 0.5)",
+        "pad": "bottom and right, value 0 after normalisation",
+        "interpolation": "bilinear",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "input_range": "RGB scaled to [0, 1], then (x - mean) / std",
+        "layout": "NCHW",
+    }
+
+
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for dist in (

@@ -71,9 +71,13 @@ def export_onnx(
         raise RuntimeError("torch.onnx.export returned no program")
     proto = fold_constants(program.model_proto)
     _rename_batch_dim(proto)
+    save_onnx(proto, path)
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(path))
-    return proto
 
 
 def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -93,3 +97,13 @@ def _rename_batch_dim(proto: onnx.ModelProto) -> None:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
             dims[0].dim_param = "batch"
+
+
+def keep_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the graph with only the named outputs (and without the nodes only the others needed)."""
+    slim = onnx.ModelProto()
+    slim.CopyFrom(proto)
+    kept = [o for o in slim.graph.output if o.name in names]
+    del slim.graph.output[:]
+    slim.graph.output.extend(kept)
+    return fold_constants(slim)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from focal import geometry
+from focal.config import FocalConfig
 from focal.model import FocalWindowAttention
 
 # int64 index buffers of the official model; ours are computed at build time.
@@ -236,8 +237,8 @@ def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) 
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source}: does not fit this model"]
-        config = getattr(model, "config", None)
-        if config is not None:
+        config = getattr(getattr(model, "backbone", model), "config", None)
+        if isinstance(config, FocalConfig):
             lines[0] += (
                 f" (embed_dim={config.embed_dim}, depths={list(config.depths)}, "
                 f"use_conv_embed={config.use_conv_embed}); is it a checkpoint of another variant?"
