@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32)")
     p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=8)
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--opt-batch", type=int, default=None, help="default: 8 (classify), 2 (detect)")
+    p.add_argument("--max-batch", type=int, default=None, help="default: 32 (classify), 8 (detect)")
     p.add_argument(
         "--out", type=Path, metavar="DIR", help="output folder (default: a descriptive name under artifacts/)"
     )
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         fp16=args.fp16,
         min_batch=args.min_batch,
-        opt_batch=args.opt_batch,
-        max_batch=args.max_batch,
+        opt_batch=args.opt_batch or 0,
+        max_batch=args.max_batch or 0,
         out=args.out,
         engine=args.engine,
         workspace_gib=args.workspace_gib,

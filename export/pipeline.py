@@ -58,6 +58,8 @@ from focal.labels import coco_labels
 
 TASKS = ("classify", "detect")
 DEFAULT_SIZES = {"classify": (224, 224), "detect": (640, 640)}
+# (opt, max) batch of the TensorRT profile; a 640x640 detector costs ~8x a 224 classifier per image.
+DEFAULT_BATCHES = {"classify": (8, 32), "detect": (2, 8)}
 DETECTIONS = "detections"
 FP32_ONNX = "model.fp32.onnx"
 FP16_ONNX = "model.fp16.onnx"
@@ -80,8 +82,8 @@ class ExportOptions:
     image_size: tuple[int, int] | None = None  # None: the task's default (224x224, or a 640x640 canvas)
     fp16: bool = False
     min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 32
+    opt_batch: int = 0  # 0: the task's default (8 and 32 for classify, 2 and 8 for detect)
+    max_batch: int = 0
     out: Path | None = None
     engine: str = "auto"
     workspace_gib: float = 4.0
@@ -93,6 +95,11 @@ class ExportOptions:
     def precision(self) -> str:
         return "fp16" if self.fp16 else "fp32"
 
+    def __post_init__(self) -> None:
+        opt, high = DEFAULT_BATCHES.get(self.task, DEFAULT_BATCHES["classify"])
+        self.opt_batch = self.opt_batch or opt
+        self.max_batch = self.max_batch or high
+
     @property
     def size(self) -> tuple[int, int]:
         return self.image_size or DEFAULT_SIZES[self.task]
@@ -102,7 +109,7 @@ class ExportOptions:
         """What the weights file holds: a whole classifier or detector, or only the detector's backbone."""
         if self.task == "classify":
             return "classifier"
-        return "detector" if self.weights is not None else "backbone"
+        return "backbone" if self.backbone_weights is not None or self.pretrained else "detector"
 
     def default_out(self) -> Path:
         h, w = self.size
@@ -362,7 +369,8 @@ def _export_fresh(
         "task": opts.task,
         "input_size": [height, width],
         "num_classes": config.num_classes,
-        "random_init": source.kind == RANDOM_INIT,
+        # A backbone-only detector has an untrained FPN and head: as meaningless as random-init.
+        "random_init": source.kind == RANDOM_INIT or opts.weights_role == "backbone",
         "weights": {**source.manifest_entry(), "adaptations": adaptations},
         "precision": opts.precision,
         "onnx": FP16_ONNX if opts.fp16 else FP32_ONNX,

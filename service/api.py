@@ -14,9 +14,10 @@ from starlette.requests import ClientDisconnect
 from service import errors
 from service.app import ServiceState
 from service.batcher import BackendError, DeadlineExceeded, Draining, QueueFull
-from service.images import ImageError, ImageTooLarge, decode, preprocess
+from service.detection import postprocess
+from service.images import ImageError, ImageTooLarge, Letterbox, Letterboxed, decode, letterbox, preprocess
 from service.models import ServedModel
-from service.schemas import ClassifyResponse, ErrorResponse, Health, ModelsResponse
+from service.schemas import ClassifyResponse, DetectResponse, ErrorResponse, Health, ModelsResponse
 
 router = APIRouter()
 
@@ -81,13 +82,16 @@ async def _read_images(request: Request, limit: int) -> list[bytes]:
     )
 
 
-async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) -> list[np.ndarray]:
-    """Decode + preprocess every image in the thread pool; one bad image fails this request only."""
+async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) -> list[Any]:
+    """Decode + preprocess every image in the thread pool; one bad image fails this request only.
+
+    Returns float32 [3, H, W] arrays for a classifier, `Letterboxed` canvases for a detector."""
     loop = asyncio.get_running_loop()
     spec, max_pixels = model.preprocess, state.settings.max_pixels
 
-    def one(data: bytes) -> np.ndarray:
-        return preprocess(decode(data, max_pixels, draft_short_side=spec.draft_short_side), spec)
+    def one(data: bytes) -> np.ndarray | Letterboxed:
+        image = decode(data, max_pixels, draft_short_side=spec.draft_short_side)
+        return letterbox(image, spec) if isinstance(spec, Letterbox) else preprocess(image, spec)
 
     results = await asyncio.gather(
         *(loop.run_in_executor(state.preprocess_pool, one, data) for data in blobs), return_exceptions=True
@@ -100,7 +104,7 @@ async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) 
             raise errors.BadImage(where + str(result))
         if isinstance(result, BaseException):
             raise result
-    return [r for r in results if isinstance(r, np.ndarray)]
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 async def _client_gone(request: Request) -> None:
@@ -146,6 +150,12 @@ def _model_for(state: ServiceState, task: str) -> ServedModel:
     return model
 
 
+def _admit(state: ServiceState, model: ServedModel) -> None:
+    """Refuse before reading or decoding anything when the model's queue is already full."""
+    if model.batcher.queue_depth >= state.settings.max_queue_size:
+        raise errors.Overloaded(f"the queue of {model.name} is full", headers={"Retry-After": RETRY_AFTER_S})
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -167,8 +177,7 @@ async def classify(
     model = _model_for(state, "classify")
     if top_k > len(model.labels):
         raise errors.InvalidParameter(f"top_k: must be at most the number of classes ({len(model.labels)})")
-    if model.batcher.queue_depth >= state.settings.max_queue_size:  # refuse before reading or decoding
-        raise errors.Overloaded(f"the queue of {model.name} is full", headers={"Retry-After": RETRY_AFTER_S})
+    _admit(state, model)
     blobs = await _read_images(request, state.settings.max_images_per_request)
     samples = await _prepare(state, model, blobs)
     outputs = await _infer(state, model, samples, request)
@@ -182,11 +191,47 @@ async def classify(
 
 
 @router.post(
-    "/detect", responses=_ERRORS, openapi_extra=_IMAGE_BODY, summary="Detect objects (needs a detection model)"
+    "/detect",
+    response_model=DetectResponse,
+    responses=_ERRORS,
+    openapi_extra=_IMAGE_BODY,
+    summary="Detect objects in one or more images (needs a detection model)",
 )
-async def detect(request: Request) -> dict[str, Any]:
-    _model_for(_state(request), "detect")
-    raise errors.NotFound("detection models cannot be served yet")  # pragma: no cover - no detect exports exist
+async def detect(
+    request: Request,
+    score_threshold: Annotated[
+        float, Query(ge=0.0, le=1.0, description="keep detections scoring above this (the export's 0.05 at least)")
+    ] = 0.3,
+    max_detections: Annotated[int, Query(ge=1, description="detections per image, at most the export's (100)")] = 100,
+) -> dict[str, Any]:
+    state = _state(request)
+    model = _model_for(state, "detect")
+    settings = model.detection
+    assert settings is not None  # every detect model has its settings (checked at load)
+    if max_detections > settings.max_detections:
+        raise errors.InvalidParameter(f"max_detections: must be at most {settings.max_detections}")
+    _admit(state, model)
+    blobs = await _read_images(request, state.settings.max_images_per_request)
+    boxed: list[Letterboxed] = await _prepare(state, model, blobs)
+    outputs = await _infer(state, model, [b.pixels for b in boxed], request)
+
+    def finish(rows: np.ndarray, image: Letterboxed) -> dict[str, Any]:
+        found = postprocess(
+            rows, settings, image.image_size, image.resized, image.scale, score_threshold, max_detections
+        )
+        return {
+            "detections": [
+                {"class_id": c, "label": model.labels[c], "score": score, "box": [x1, y1, x2, y2]}
+                for x1, y1, x2, y2, score, c in found
+            ],
+            "image_size": list(image.image_size),
+        }
+
+    loop = asyncio.get_running_loop()
+    results = await asyncio.gather(
+        *(loop.run_in_executor(state.preprocess_pool, finish, rows, b) for rows, b in zip(outputs, boxed, strict=True))
+    )
+    return {"model": model.info(), "results": list(results)}
 
 
 def _probe(ok: bool, detail: str) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""Image decoding and classification preprocessing (pure functions, no web framework).
+"""Image decoding and preprocessing for classification and detection (pure functions, no web framework).
 
 Decoding: Pillow, with the pixel count checked from the header before any
 pixel is decoded (which also stops decompression bombs), JPEG draft mode so a
@@ -10,6 +10,11 @@ Preprocessing follows the manifest's `preprocess` block exactly as the export
 recorded it: bicubic resize (aspect kept) to cover `resize_to_cover`, centre
 crop, /255, mean/std. For a square crop that is the official evaluation
 transform: short side to 256/224 of the crop.
+
+Detection exports record a `letterbox` block instead: the image is scaled,
+keeping its aspect ratio, to fit inside the static canvas (mmdetection's
+rounding), normalised, and padded bottom/right with zeros; `Letterboxed`
+carries the per-axis scale that maps canvas boxes back to the image.
 """
 
 from __future__ import annotations
@@ -128,3 +133,60 @@ def preprocess(image: Image.Image, spec: Preprocess) -> np.ndarray:
     pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
     array = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    canvas: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def draft_short_side(self) -> int:
+        """JPEG draft target: a short side this long always covers the resized image."""
+        return min(self.canvas)
+
+    @classmethod
+    def from_manifest(cls, spec: dict[str, Any]) -> Letterbox:
+        if spec.get("interpolation") != "bilinear":
+            raise ValueError(f"unsupported interpolation {spec.get('interpolation')!r} for a letterbox")
+        mean, std = spec["mean"], spec["std"]
+        return cls(
+            canvas=(int(spec["canvas"][0]), int(spec["canvas"][1])),
+            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            std=(float(std[0]), float(std[1]), float(std[2])),
+        )
+
+
+@dataclass(frozen=True)
+class Letterboxed:
+    pixels: np.ndarray  # float32 [3, H, W] canvas
+    image_size: tuple[int, int]  # original (width, height)
+    resized: tuple[int, int]  # (width, height) of the image inside the canvas
+    scale: tuple[float, float]  # (resized width / width, resized height / height)
+
+
+def preprocess_spec(spec: dict[str, Any]) -> Preprocess | Letterbox:
+    """The manifest's `preprocess` block as a spec object (`Letterbox` for detection exports)."""
+    return Letterbox.from_manifest(spec) if spec.get("resize") == "letterbox" else Preprocess.from_manifest(spec)
+
+
+def letterbox_size(width: int, height: int, canvas: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) the image is resized to: aspect kept, fitting the canvas, rounded as mmdetection does."""
+    scale = min(canvas[0] / height, canvas[1] / width)
+    return (
+        min(max(int(width * scale + 0.5), 1), canvas[1]),
+        min(max(int(height * scale + 0.5), 1), canvas[0]),
+    )
+
+
+def letterbox(image: Image.Image, spec: Letterbox) -> Letterboxed:
+    """RGB image -> the normalised canvas with the image at the top left, and the scale back."""
+    width, height = image.size
+    new_w, new_h = letterbox_size(width, height, spec.canvas)
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
+    normalised = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    canvas = np.zeros((3, *spec.canvas), dtype=np.float32)
+    canvas[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+    return Letterboxed(canvas, (width, height), (new_w, new_h), (new_w / width, new_h / height))

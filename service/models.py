@@ -14,7 +14,8 @@ import numpy as np
 from export.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from service.backends import Backend, load_backend
 from service.batcher import DynamicBatcher
-from service.images import Preprocess
+from service.detection import DetectionSettings
+from service.images import Letterbox, Preprocess, preprocess_spec
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -23,6 +24,7 @@ log = logging.getLogger("focal.service")
 # Default wait for more images after the first, on GPU backends (where a bigger batch costs
 # little more than a small one). On the CPU it is 0: see Settings.max_queue_delay_ms.
 GPU_QUEUE_DELAY_MS = 5.0
+SERVABLE_TASKS = ("classify", "detect")
 
 
 class ModelLoadError(Exception):
@@ -35,9 +37,10 @@ class ServedModel:
     folder: Path
     manifest: dict[str, Any]
     labels: list[str]
-    preprocess: Preprocess
+    preprocess: Preprocess | Letterbox
     backend: Backend
     batcher: DynamicBatcher
+    detection: DetectionSettings | None  # detect exports: the test settings NMS runs with
     ready: bool = False
     warmup_seconds: float | None = None
     failed: str | None = field(default=None)
@@ -67,6 +70,7 @@ class ServedModel:
             "batch": m["batch"],
             "weights": m["weights"].get("source"),
             "weights_sha256": m["weights"].get("sha256"),
+            "weights_role": m.get("weights_role", "classifier" if m["task"] == "classify" else "detector"),
             "random_init": self.random_init,
         }
 
@@ -80,8 +84,13 @@ def check_manifest(folder: Path) -> tuple[dict[str, Any], list[str]]:
         raise ModelLoadError(f"{folder}: no readable {MANIFEST_NAME} (is it a python -m export output folder?)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelLoadError(f"{folder}: manifest format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    if manifest.get("task") != "classify":
-        raise ModelLoadError(f"{folder}: task {manifest.get('task')!r} cannot be served yet (only 'classify')")
+    task = manifest.get("task")
+    if task not in SERVABLE_TASKS:
+        raise ModelLoadError(f"{folder}: task {task!r} cannot be served (only {', '.join(SERVABLE_TASKS)})")
+    if task == "detect" and (
+        manifest.get("preprocess", {}).get("resize") != "letterbox" or "detection" not in manifest
+    ):
+        raise ModelLoadError(f"{folder}: a detect manifest needs a letterbox preprocess and a detection block")
     for key in ("onnx", "onnx_fp32", "labels"):
         if not (folder / str(manifest.get(key))).is_file():
             raise ModelLoadError(f"{folder}: {manifest.get(key)} ({key}) is missing")
@@ -107,9 +116,9 @@ def load_model(folder: Path, settings: Settings, metrics: Metrics) -> ServedMode
         observer=metrics.observer(name),
         name=name,
     )
-    return ServedModel(
-        name, folder, manifest, labels, Preprocess.from_manifest(manifest["preprocess"]), backend, batcher
-    )
+    detection = DetectionSettings.from_manifest(manifest["detection"]) if manifest["task"] == "detect" else None
+    spec = preprocess_spec(manifest["preprocess"])
+    return ServedModel(name, folder, manifest, labels, spec, backend, batcher, detection)
 
 
 async def warm_up(model: ServedModel) -> None:

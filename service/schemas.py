@@ -19,7 +19,10 @@ class ModelInfo(BaseModel):
     batch: dict[str, int]
     weights: str = Field(description="'file', 'pretrained' or 'random-init' (untrained: predictions are meaningless)")
     weights_sha256: str | None
-    random_init: bool
+    weights_role: str = Field(
+        description="what the weights file held: 'classifier', 'detector', or 'backbone' (detection head untrained)"
+    )
+    random_init: bool = Field(description="true when any part of the model is untrained")
 
 
 class Prediction(BaseModel):
@@ -35,6 +38,23 @@ class ClassifyResult(BaseModel):
 class ClassifyResponse(BaseModel):
     model: ModelInfo
     results: list[ClassifyResult] = Field(description="one result per image, in request order")
+
+
+class Detection(BaseModel):
+    class_id: int
+    label: str
+    score: float = Field(description="sigmoid class probability")
+    box: list[float] = Field(description="[x1, y1, x2, y2] in the original image's pixels (after EXIF rotation)")
+
+
+class DetectResult(BaseModel):
+    detections: list[Detection] = Field(description="best first, after class-aware NMS")
+    image_size: list[int] = Field(description="[width, height] of the image the boxes refer to")
+
+
+class DetectResponse(BaseModel):
+    model: ModelInfo
+    results: list[DetectResult] = Field(description="one result per image, in request order")
 
 
 class ModelStatus(ModelInfo):

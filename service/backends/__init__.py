@@ -1,4 +1,7 @@
-"""Backends run one batch of preprocessed images: `infer(float32 [N, 3, H, W]) -> float32 [N, classes]`.
+"""Backends run one batch of preprocessed images: `infer(float32 [N, 3, H, W]) -> float32 [N, ...]`.
+
+The output is the export's one output: logits [N, classes] for a classifier,
+candidate rows [N, K, 6] for a detector (see `service.detection`).
 
 `load_backend` picks one from the manifest and the machine (or the `backend`
 setting): the TensorRT engine when it exists and matches this GPU and TensorRT

@@ -64,14 +64,14 @@ class TensorRTBackend:
         _, _, max_shape = engine.get_tensor_profile_shape(self.input_name, 0)
         self.max_batch_size = int(max_shape[0])
         self.sample_shape = tuple(int(d) for d in max_shape[1:])
-        classes = int(manifest["num_classes"])
+        sample_out = tuple(int(d) for d in manifest["outputs"][0]["shape"][1:])  # [classes] or [rows, 6]
         self.device = f"cuda:0 ({gpu})"
         self.precision = str(engine_info.get("precision", manifest["precision"]))
         self.stream = _check(cudart.cudaStreamCreate())
         in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
         out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.output_name)))
         self.host_in = self._pinned((self.max_batch_size, *self.sample_shape), in_dtype)
-        self.host_out = self._pinned((self.max_batch_size, classes), out_dtype)
+        self.host_out = self._pinned((self.max_batch_size, *sample_out), out_dtype)
         self.device_in = _check(cudart.cudaMalloc(self.host_in.nbytes))
         self.device_out = _check(cudart.cudaMalloc(self.host_out.nbytes))
         self.context.set_tensor_address(self.input_name, int(self.device_in))

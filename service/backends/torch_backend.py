@@ -25,18 +25,35 @@ class TorchBackend:
 
             from export.weights import RANDOM_INIT, seed_random_init, sha256_file
             from focal import FocalConfig, FocalTransformer, load_checkpoint
+            from focal.detection import (
+                FocalRetinaNet,
+                RetinaNetConfig,
+                load_backbone_weights,
+                load_detection_checkpoint,
+            )
         except ImportError as exc:
             raise BackendUnavailable(f"the torch backend needs the 'torch' extra ({exc})") from exc
         self._torch = torch
         weights = manifest["weights"]
         config = FocalConfig(**manifest["model_config"])
         seed_random_init()
-        self.model = FocalTransformer(config).eval()
+        detect = manifest["task"] == "detect"
+        self.model = (
+            FocalRetinaNet(config, RetinaNetConfig(num_classes=int(manifest["num_classes"])))
+            if detect
+            else FocalTransformer(config)
+        ).eval()
         if weights["source"] != RANDOM_INIT:
             path = Path(weights.get("path") or "")
             if not path.is_file() or sha256_file(path) != weights["sha256"]:
                 raise BackendUnavailable(f"the checkpoint the export used is not at {path} (or differs)")
-            load_checkpoint(self.model, path)
+            if isinstance(self.model, FocalRetinaNet):
+                load = (
+                    load_backbone_weights if manifest.get("weights_role") == "backbone" else load_detection_checkpoint
+                )
+                load(self.model, path)
+            else:
+                load_checkpoint(self.model, path)
         self.max_batch_size = int(manifest["batch"]["max"])
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
