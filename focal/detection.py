@@ -230,7 +230,7 @@ class FocalRetinaNet(nn.Module):
         rows = []
         classes = self.config.num_classes
         for i, (logits, deltas) in enumerate(raw):
-            top, index = logits.flatten(1).topk(self.level_candidates[i], dim=1)
+            top, index = _top_k(logits.flatten(1), self.level_candidates[i])
             class_id = index % classes
             anchor = index // classes  # exported as integer Div (torch.div with a rounding mode goes through floats)
             delta = deltas.gather(1, anchor.unsqueeze(-1).expand(-1, -1, 4))
@@ -246,6 +246,18 @@ class FocalRetinaNet(nn.Module):
         return self.select_and_decode(self.forward_raw(x))
 
 
+def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Largest k along dim 1, sorted, ties to the lower index, as ONNX TopK specifies.
+
+    Exported, this is a TopK node. In eager PyTorch, `topk` orders ties arbitrarily, so
+    a stable sort stands in (slower, but the eager model is only the reference): a model
+    whose scores tie exactly (constructed weights) must select the same rows in both."""
+    if torch.compiler.is_exporting():
+        return scores.topk(k, dim=1)
+    values, index = torch.sort(scores, dim=1, descending=True, stable=True)
+    return values[:, :k], index[:, :k]
+
+
 def create_detector(variant: str, canvas: tuple[int, int] = (640, 640), **overrides: Any) -> FocalRetinaNet:
     """A randomly initialised Focal-RetinaNet for a named variant (eval mode)."""
     from focal.config import get_variant
@@ -254,7 +266,7 @@ def create_detector(variant: str, canvas: tuple[int, int] = (640, 640), **overri
     return FocalRetinaNet(backbone).eval()
 
 
-def load_detection_checkpoint(model: FocalRetinaNet, checkpoint: str | Path | Mapping[str, Tensor]) -> LoadReport:
+def load_detection_checkpoint(model: FocalRetinaNet, checkpoint: str | Path | Mapping[str, Any]) -> LoadReport:
     """Load an mmdetection checkpoint (`{'state_dict': ..., 'meta': ...}` or a bare state dict), strictly.
 
     The backbone part goes through the same adaptations as a classification

@@ -66,3 +66,49 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     result = run_cli("--variant", "focal_tiny", "--random-init", "--fp16", "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out, json.loads((out / "manifest.json").read_text()), result.stdout
+
+
+DETECT_CANVAS = (320, 320)
+HORSE = 17  # the class the constructed detector finds everywhere
+HORSE_ANCHOR = 4  # of the 9 per cell: ratio 1, the middle octave scale
+
+
+def _export_detector(out: Path, *args: str) -> tuple[Path, dict[str, Any], str]:
+    size = f"{DETECT_CANVAS[0]}x{DETECT_CANVAS[1]}"
+    result = run_cli("--variant", "focal_tiny", "--task", "detect", "--image-size", size, "--out", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "manifest.json").read_text()), result.stdout
+
+
+@pytest.fixture(scope="session")
+def detect_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    """The issue's acceptance export: focal_tiny RetinaNet, random-init, 320x320 canvas (with fp16)."""
+    return _export_detector(tmp_path_factory.mktemp("focal_tiny_detect"), "--random-init", "--fp16")
+
+
+@pytest.fixture(scope="session")
+def constructed_detect_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    """A detector whose output is known: head convolutions zeroed, so every location gives the class
+    logits' bias and zero box deltas; the bias is high only for (anchor HORSE_ANCHOR, class HORSE).
+    Its detections are therefore that anchor at every location, undistorted. Saved as an mmdetection
+    checkpoint ({'meta', 'state_dict'}) and exported from it with --weights."""
+    from focal.detection import create_detector
+
+    folder = tmp_path_factory.mktemp("constructed_detector")
+    torch.manual_seed(0)
+    model = create_detector("focal_tiny", DETECT_CANVAS)
+    head = model.bbox_head
+    with torch.no_grad():
+        for conv in [*head.cls_convs, *head.reg_convs]:
+            conv.conv.weight.zero_()
+            conv.conv.bias.zero_()
+        head.retina_reg.weight.zero_()
+        head.retina_reg.bias.zero_()  # type: ignore[union-attr]
+        head.retina_cls.weight.zero_()
+        bias = head.retina_cls.bias
+        assert bias is not None
+        bias.fill_(-10.0)
+        bias[HORSE_ANCHOR * head.num_classes + HORSE] = 8.0
+    checkpoint = folder / "retinanet_constructed.pth"
+    torch.save({"meta": {"note": "constructed for tests"}, "state_dict": model.state_dict()}, checkpoint)
+    return _export_detector(folder / "export", "--weights", str(checkpoint))

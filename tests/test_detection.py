@@ -1,0 +1,235 @@
+"""Focal-RetinaNet: anchors, candidate selection and decoding, NMS, mmdetection checkpoints.
+
+Every check compares against a plain, loop-based reference written here from
+mmdetection's definitions, not against the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from focal import CheckpointAdaptationWarning, CheckpointError, create_model
+from focal.anchors import AnchorSpec, decode_deltas, level_sizes
+from focal.detection import (
+    FocalRetinaNet,
+    create_detector,
+    is_detection_state_dict,
+    load_backbone_weights,
+    load_detection_checkpoint,
+)
+from service.detection import DetectionSettings, nms, postprocess
+
+CANVAS = (128, 192)
+
+
+def reference_anchors(size: tuple[int, int], stride: int) -> np.ndarray:
+    """mmdetection's AnchorGenerator, written out: cells row-major, 3 ratios x 3 octave scales per cell."""
+    boxes = []
+    for i in range(size[0]):
+        for j in range(size[1]):
+            for ratio in (0.5, 1.0, 2.0):
+                for octave in range(3):
+                    scale = 4 * 2 ** (octave / 3)
+                    w = stride * scale / math.sqrt(ratio)
+                    h = stride * scale * math.sqrt(ratio)
+                    cx, cy = j * stride, i * stride
+                    boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    return np.asarray(boxes)
+
+
+def test_anchors_follow_mmdetection() -> None:
+    spec = AnchorSpec()
+    assert level_sizes((320, 320)) == [(40, 40), (20, 20), (10, 10), (5, 5), (3, 3)]
+    assert level_sizes((800, 1344)) == [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+    for size, stride in [((3, 5), 8), ((2, 2), 128)]:
+        np.testing.assert_allclose(spec.level_anchors(size, stride), reference_anchors(size, stride), rtol=1e-12)
+
+
+def reference_select(logits: np.ndarray, deltas: np.ndarray, anchors: np.ndarray, k: int) -> np.ndarray:
+    """One image, one level: top-k (anchor, class) pairs by logit, decoded one by one."""
+    classes = logits.shape[1]
+    flat = logits.reshape(-1)
+    order = sorted(range(len(flat)), key=lambda i: -flat[i])[:k]
+    rows = []
+    for index in order:
+        a, c = divmod(index, classes)
+        (x1, y1, x2, y2), (dx, dy, dw, dh) = anchors[a], deltas[a]
+        w, h = x2 - x1, y2 - y1
+        cx, cy = (x1 + x2) / 2 + dx * w, (y1 + y2) / 2 + dy * h
+        clip = abs(math.log(16 / 1000))
+        w, h = w * math.exp(min(max(dw, -clip), clip)), h * math.exp(min(max(dh, -clip), clip))
+        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        box = [min(max(v, 0.0), CANVAS[1] if n % 2 == 0 else CANVAS[0]) for n, v in enumerate(box)]
+        rows.append([*box, 1 / (1 + math.exp(-flat[index])), c])
+    return np.asarray(rows)
+
+
+def test_selection_and_decoding_match_a_plain_reference() -> None:
+    torch.manual_seed(0)
+    model = create_detector("focal_tiny", CANVAS)
+    generator = torch.Generator().manual_seed(1)
+    raw = []
+    for size in model.level_sizes:
+        count = size[0] * size[1] * 9
+        # Large deltas too, so the log-size clamp and the canvas clipping are exercised.
+        raw.append((torch.randn(2, count, 80, generator=generator), 3 * torch.randn(2, count, 4, generator=generator)))
+    with torch.inference_mode():
+        rows = model.select_and_decode(raw).numpy()
+    assert rows.shape == (2, model.num_candidates, 6)
+    spec, start = AnchorSpec(), 0
+    for level, (size, stride) in enumerate(zip(model.level_sizes, spec.strides, strict=True)):
+        k = model.level_candidates[level]
+        anchors = reference_anchors(size, stride)
+        for b in range(2):
+            expected = reference_select(raw[level][0][b].numpy(), raw[level][1][b].double().numpy(), anchors, k)
+            np.testing.assert_allclose(rows[b, start : start + k], expected, rtol=1e-5, atol=2e-4)
+        start += k
+    # The NumPy decoder: centre moves by d * size, size scales by exp(d) (clamped), clipped to the canvas.
+    decoded = decode_deltas(np.asarray([[0.0, 0, 32, 16]]), np.asarray([[0.5, -0.25, 0.1, 10.0]]), CANVAS)
+    half_w = 16 * math.exp(0.1)
+    np.testing.assert_allclose(decoded, [[32 - half_w, 0, 32 + half_w, CANVAS[0]]], rtol=1e-12)
+
+
+def reference_nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, max_detections: int
+) -> list[int]:
+    """Per class: sort by score (ties: row order), keep a box unless a kept one overlaps it by IoU > threshold;
+    then all classes together by score (ties: row order), the first max_detections."""
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    kept: list[int] = []
+    for c in sorted(set(classes.tolist())):
+        members = sorted((i for i in range(len(boxes)) if classes[i] == c), key=lambda i: (-scores[i], i))
+        chosen: list[int] = []
+        for i in members:
+            if all(iou(boxes[i], boxes[j]) <= iou_threshold for j in chosen):
+                chosen.append(i)
+        kept.extend(chosen)
+    return sorted(kept, key=lambda i: (-scores[i], i))[:max_detections]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nms_matches_the_reference_with_ties_and_degenerate_boxes(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    xy = rng.uniform(0, 100, (n, 2))
+    wh = rng.uniform(0, 40, (n, 2))
+    wh[rng.random(n) < 0.1] = 0  # points
+    wh[rng.random(n) < 0.05, 0] = 0  # zero-width lines
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    dupes = rng.random(n) < 0.1  # exact duplicates of another box
+    boxes[dupes] = boxes[rng.integers(0, n, int(dupes.sum()))]
+    scores = np.round(rng.random(n), 1)  # few distinct values: many ties
+    classes = rng.integers(0, 4, n).astype(np.float32)
+    threshold, limit = float(rng.choice([0.0, 0.3, 0.5, 0.7])), int(rng.choice([5, 100]))
+    got = nms(boxes, scores, classes, threshold, limit).tolist()
+    assert got == reference_nms(boxes, scores, classes, threshold, limit)
+
+
+def test_nms_edge_cases() -> None:
+    empty = np.zeros((0, 4))
+    assert nms(empty, np.zeros(0), np.zeros(0), 0.5, 100).tolist() == []
+    same = np.asarray([[0, 0, 10, 10]] * 3, dtype=np.float64)
+    # Identical boxes: one survives per class; equal scores keep the first row.
+    assert nms(same, np.asarray([0.5, 0.5, 0.5]), np.asarray([0, 1, 0]), 0.5, 100).tolist() == [0, 1]
+    # IoU exactly at the threshold is kept (suppression needs IoU > threshold).
+    half = np.asarray([[0, 0, 10, 10], [0, 0, 10, 5]], dtype=np.float64)
+    assert nms(half, np.asarray([0.9, 0.8]), np.zeros(2), 0.5, 100).tolist() == [0, 1]
+
+
+def test_postprocess_thresholds_maps_back_and_clips() -> None:
+    settings = DetectionSettings(score_threshold=0.05, iou_threshold=0.5, max_detections=100)
+    rows = np.asarray(
+        [
+            [10, 20, 50, 60, 0.9, 3],
+            [12, 20, 50, 60, 0.8, 3],  # overlaps the first, same class: suppressed
+            [12, 20, 50, 60, 0.7, 4],  # another class: kept
+            [100, 100, 200, 500, 0.6, 1],  # reaches into the padding: clipped to the image
+            [0, 0, 5, 5, 0.05, 2],  # at the export's threshold: dropped
+        ],
+        dtype=np.float32,
+    )
+    # A 100x200 (w x h) image letterboxed into 320x320: resized to 160x320, scale 1.6.
+    found = postprocess(rows, settings, (100, 200), (160, 320), (1.6, 1.6))
+    assert [f[5] for f in found] == [3, 4, 1]
+    np.testing.assert_allclose(found[0][:4], [10 / 1.6, 20 / 1.6, 50 / 1.6, 60 / 1.6])
+    np.testing.assert_allclose(found[2][:4], [100 / 1.6, 100 / 1.6, 100, 200])
+    assert [f[5] for f in postprocess(rows, settings, (100, 200), (160, 320), (1.6, 1.6), 0.65)] == [3, 4]
+    assert len(postprocess(rows, settings, (100, 200), (160, 320), (1.6, 1.6), max_detections=1)) == 1
+
+
+def mmdet_checkpoint(model: FocalRetinaNet, path: Path) -> Path:
+    """What mmdetection saves: {'meta': ..., 'state_dict': ...} under its own key names."""
+    torch.save({"meta": {"mmdet_version": "2.25.0", "epoch": 12}, "state_dict": model.state_dict()}, path)
+    return path
+
+
+def test_mmdetection_checkpoint_loads_strictly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = create_detector("focal_tiny", CANVAS)
+    keys = set(source.state_dict())
+    assert {
+        "neck.lateral_convs.0.conv.weight",
+        "neck.fpn_convs.4.conv.bias",
+        "bbox_head.cls_convs.3.conv.weight",
+    } <= keys
+    assert {"bbox_head.reg_convs.0.conv.bias", "bbox_head.retina_cls.weight", "bbox_head.retina_reg.bias"} <= keys
+    assert {f"backbone.norm{i}.weight" for i in range(4)} <= keys
+    assert not any(".head." in k for k in keys)
+    path = mmdet_checkpoint(source, tmp_path / "retinanet.pth")
+    torch.manual_seed(1)
+    target = create_detector("focal_tiny", CANVAS)
+    report = load_detection_checkpoint(target, path)
+    assert report.adaptations == []
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[key]), key
+
+    state = source.state_dict()
+    del state["neck.fpn_convs.2.conv.weight"]
+    state["bbox_head.extra.weight"] = torch.zeros(1)
+    state["bbox_head.retina_cls.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError) as failure:
+        load_detection_checkpoint(target, {"state_dict": state})
+    message = str(failure.value)
+    for fragment in (
+        "missing keys (1)",
+        "neck.fpn_convs.2.conv.weight",
+        "unexpected keys (1)",
+        "bbox_head.extra.weight",
+    ):
+        assert fragment in message
+    assert "bbox_head.retina_cls.bias: checkpoint (3,) vs model (720,)" in message
+
+
+def test_backbone_weights_come_from_a_classification_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = create_model("focal_tiny")
+    path = tmp_path / "focal-tiny.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    detector = create_detector("focal_tiny", (224, 224))  # the classifier's size: nothing to resize
+    assert not is_detection_state_dict(classifier.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointAdaptationWarning)
+        report = load_backbone_weights(detector, path)
+    assert any("head.weight" in note for note in report.adaptations)  # the classifier head is dropped
+    assert caught
+    for key, value in classifier.state_dict().items():
+        if not key.startswith(("head.", "norm.")):
+            assert torch.equal(detector.backbone.state_dict()[key], value), key
+
+
+def test_canvas_must_be_multiples_of_32() -> None:
+    with pytest.raises(ValueError, match="multiples of 32"):
+        create_detector("focal_tiny", (320, 300))
