@@ -200,7 +200,9 @@ def test_pretrained_offline_fails_clearly_naming_weights(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--task", "detect", "--random-init"], "--task detect is not available yet"),
+        (["--task", "detect"], "--task detect needs weights"),
+        (["--task", "detect", "--random-init", "--image-size", "300"], "sides that are multiples of 32"),
+        (["--backbone-weights", "x.pth"], "--backbone-weights is for --task detect"),
         (["--random-init", "--min-batch", "2"], "--min-batch must be 1"),
         (["--random-init", "--opt-batch", "64"], "1 <= min <= opt <= max"),
         (["--weights", "/nonexistent.pth"], "--weights /nonexistent.pth: no such file"),
