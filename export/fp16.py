@@ -24,13 +24,17 @@ FP32_OPS = ("LayerNormalization", "Softmax")
 
 def convert_to_fp16(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
+    tail = _after_topk(fp32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
-        model = float16.convert_float_to_float16(
-            fp32, keep_io_types=True, op_block_list=block, node_block_list=_after_topk(fp32)
-        )
+        model = float16.convert_float_to_float16(fp32, keep_io_types=True, op_block_list=block, node_block_list=tail)
     model = fold_constants(model)  # the casts of fp32 LayerNorm weights back from fp16
     _restore_layernorm_weights(fp32, model)
+    if tail:
+        _drop_fp16_round_trips(model, set(tail))
+    for before, after in zip(fp32.graph.output, model.graph.output, strict=True):
+        if before.type.tensor_type.elem_type != after.type.tensor_type.elem_type:
+            raise RuntimeError(f"fp16 conversion changed the type of output {before.name}")
     onnx.save_model(model, str(path))
     return model
 
@@ -62,3 +66,52 @@ def _after_topk(model: onnx.ModelProto) -> list[str]:
             tainted.update(node.output)
             names.append(node.name)
     return names
+
+
+def _drop_fp16_round_trips(model: onnx.ModelProto, tail: set[str]) -> None:
+    """Between two nodes it was told to keep in fp32, the converter still casts values to fp16 and
+    back (and casts a blocked node's graph output to fp16). Remove those casts: the tail then
+    really is fp32 end to end (an anchor coordinate of 128.4587 stays that, not 128.5)."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name: o for o in graph.output}
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return int(next(a.i for a in node.attribute if a.name == "to"))
+
+    def fp32_source(name: str) -> bool:
+        node = producer.get(name)
+        return node is not None and (node.name in tail or cast_to(node) == onnx.TensorProto.FLOAT)
+
+    replace: dict[str, str] = {}
+    dropped: set[int] = set()
+    for node in graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT16 or not fp32_source(node.input[0]):
+            continue
+        source, value = node.input[0], node.output[0]
+        users = consumers.get(value, [])
+        if value in outputs and not users:
+            src_node = producer[source]
+            src_node.output[list(src_node.output).index(source)] = value  # the output keeps its name
+            replace[source] = value
+            outputs[value].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            dropped.add(id(node))
+        elif users and all(cast_to(user) == onnx.TensorProto.FLOAT for user in users):
+            for user in users:
+                replace[user.output[0]] = source
+                dropped.add(id(user))
+            dropped.add(id(node))
+    kept = [node for node in graph.node if id(node) not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            while name in replace:
+                name = replace[name]
+            node.input[i] = name
+    del graph.node[:]
+    graph.node.extend(kept)

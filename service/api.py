@@ -15,7 +15,15 @@ from service import errors
 from service.app import ServiceState
 from service.batcher import BackendError, DeadlineExceeded, Draining, QueueFull
 from service.detection import postprocess
-from service.images import ImageError, ImageTooLarge, Letterbox, Letterboxed, decode, letterbox, preprocess
+from service.images import (
+    ImageError,
+    ImageTooLarge,
+    Letterbox,
+    Letterboxed,
+    decode_with_size,
+    letterbox,
+    preprocess,
+)
 from service.models import ServedModel
 from service.schemas import ClassifyResponse, DetectResponse, ErrorResponse, Health, ModelsResponse
 
@@ -90,8 +98,8 @@ async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) 
     spec, max_pixels = model.preprocess, state.settings.max_pixels
 
     def one(data: bytes) -> np.ndarray | Letterboxed:
-        image = decode(data, max_pixels, draft_short_side=spec.draft_short_side)
-        return letterbox(image, spec) if isinstance(spec, Letterbox) else preprocess(image, spec)
+        image, full_size = decode_with_size(data, max_pixels, draft_short_side=spec.draft_short_side)
+        return letterbox(image, spec, full_size) if isinstance(spec, Letterbox) else preprocess(image, spec)
 
     results = await asyncio.gather(
         *(loop.run_in_executor(state.preprocess_pool, one, data) for data in blobs), return_exceptions=True

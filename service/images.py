@@ -13,8 +13,9 @@ transform: short side to 256/224 of the crop.
 
 Detection exports record a `letterbox` block instead: the image is scaled,
 keeping its aspect ratio, to fit inside the static canvas (mmdetection's
-rounding), normalised, and padded bottom/right with zeros; `Letterboxed`
-carries the per-axis scale that maps canvas boxes back to the image.
+rounding and its OpenCV bilinear resize), normalised, and padded bottom/right
+with zeros; `Letterboxed` carries the per-axis scale that maps canvas boxes
+back to the image.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ class Preprocess:
 
 def decode(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
     """Bytes -> RGB image, upright. `draft_short_side`: the smallest short side the caller needs."""
+    return decode_with_size(data, max_pixels, draft_short_side)[0]
+
+
+def decode_with_size(
+    data: bytes, max_pixels: int, draft_short_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode`, and the upright (width, height) of the full image: with JPEG draft decoding the
+    image may be smaller than that, and box coordinates must refer to the full image."""
     if not data:
         raise ImageError("the image is empty")
     try:
@@ -82,8 +91,10 @@ def decode(data: bytes, max_pixels: int, draft_short_side: int | None = None) ->
                 if scale >= 2:
                     image.draft("RGB", (int(width / scale) + 1, int(height / scale) + 1))
             image.load()
+            stored = image.size
             image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            upright = (height, width) if image.size == stored[::-1] != stored else (width, height)
+            return to_rgb(image), upright
     except ImageTooLarge:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -180,13 +191,46 @@ def letterbox_size(width: int, height: int, canvas: tuple[int, int]) -> tuple[in
     )
 
 
-def letterbox(image: Image.Image, spec: Letterbox) -> Letterboxed:
-    """RGB image -> the normalised canvas with the image at the top left, and the scale back."""
-    width, height = image.size
+def letterbox(image: Image.Image, spec: Letterbox, full_size: tuple[int, int] | None = None) -> Letterboxed:
+    """RGB image -> the normalised canvas with the image at the top left, and the scale back.
+
+    `full_size`: the image's real (width, height) when `image` was decoded at a reduced
+    (JPEG draft) scale; sizes and scales refer to it, as if the full image had been resized."""
+    width, height = full_size or image.size
     new_w, new_h = letterbox_size(width, height, spec.canvas)
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
+    resized = resize_linear(np.asarray(image), (new_w, new_h))
+    pixels = resized.astype(np.float32) / np.float32(255.0)
     normalised = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     canvas = np.zeros((3, *spec.canvas), dtype=np.float32)
     canvas[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
     return Letterboxed(canvas, (width, height), (new_w, new_h), (new_w / width, new_h / height))
+
+
+def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index along one axis: the two source indices and the weight of the second."""
+    position = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    first = np.floor(position).astype(np.int64)
+    weight = position - first
+    outside = (first < 0) | (first >= source - 1)  # at the edges the nearest pixel is repeated
+    first = np.clip(first, 0, source - 1)
+    weight[outside] = 0.0
+    return first, np.minimum(first + 1, source - 1), weight.astype(np.float32)
+
+
+def resize_linear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [height, width, C] = `size` (width, height), as OpenCV's INTER_LINEAR.
+
+    That is what mmdetection resizes with: pixel centres at +0.5, edges clamped, and no
+    smoothing when shrinking (Pillow's bilinear averages over the shrink factor, so a
+    detector trained with mmdetection would see other pixel values). Agrees with
+    OpenCV to within one level (OpenCV uses 11-bit fixed-point weights)."""
+    if (pixels.shape[1], pixels.shape[0]) == tuple(size):
+        return pixels
+    y0, y1, wy = _linear_taps(pixels.shape[0], size[1])
+    x0, x1, wx = _linear_taps(pixels.shape[1], size[0])
+    top, bottom = pixels[y0].astype(np.float32), pixels[y1].astype(np.float32)  # only the rows needed
+    rows = top + (bottom - top) * wy[:, None, None]
+    left, right = rows[:, x0], rows[:, x1]
+    out = left + (right - left) * wx[None, :, None]
+    result: np.ndarray = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return result

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import ImageError, ImageTooLarge, Preprocess, decode, preprocess
+from service.images import (
+    ImageError,
+    ImageTooLarge,
+    Letterbox,
+    Preprocess,
+    decode,
+    decode_with_size,
+    letterbox,
+    letterbox_size,
+    preprocess,
+    resize_linear,
+)
 from tests.images import encode, exif_rotated_jpeg, photo
 
 SPEC = Preprocess(resize_to_cover=(256, 256), crop=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -110,3 +121,40 @@ def test_extreme_aspect_ratios_are_cheap() -> None:
     assert out.shape == (3, 224, 224)
     assert time.perf_counter() - start < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: far below the 10 GB
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((480, 640), (427, 320)), ((1080, 1920), (640, 360)), ((100, 37), (320, 865)), ((1, 4000), (1, 320)),
+     ((3, 5), (640, 384)), ((701, 1399), (320, 160)), ((480, 640), (640, 480))],
+)  # fmt: skip
+def test_letterbox_resize_is_opencv_bilinear(source: tuple[int, int], target: tuple[int, int]) -> None:
+    """mmdetection resizes with cv2.INTER_LINEAR (no smoothing when shrinking): within one level of it."""
+    import cv2
+
+    pixels = np.random.default_rng(0).integers(0, 256, (*source, 3), dtype=np.uint8)
+    expected = cv2.resize(pixels, target, interpolation=cv2.INTER_LINEAR).reshape(target[1], target[0], 3)
+    got = resize_linear(pixels, target)
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_letterbox_places_the_image_top_left_and_pads_with_the_mean() -> None:
+    spec = Letterbox(canvas=(320, 320), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert letterbox_size(121, 200, spec.canvas) == (194, 320)  # int(121 * 1.6 + 0.5)
+    assert letterbox_size(1, 40000, spec.canvas) == (1, 320)
+    boxed = letterbox(Image.new("RGB", (121, 200), (255, 255, 255)), spec)
+    assert (boxed.image_size, boxed.resized, boxed.scale) == ((121, 200), (194, 320), (194 / 121, 1.6))
+    white = (1 - np.asarray(spec.mean)) / np.asarray(spec.std)
+    np.testing.assert_allclose(
+        boxed.pixels[:, :, :194], np.broadcast_to(white[:, None, None], (3, 320, 194)), rtol=1e-6
+    )
+    assert not boxed.pixels[:, :, 194:].any()  # zero after normalisation: the mean colour
+
+
+def test_drafted_jpeg_reports_its_full_upright_size() -> None:
+    image = photo((1400, 700))
+    for data in (encode(image, "JPEG"), exif_rotated_jpeg(image)):
+        decoded, full = decode_with_size(data, 10**8, draft_short_side=320)
+        assert decoded.size == (700, 350)  # decoded at 1/2 scale
+        assert full == (1400, 700)
