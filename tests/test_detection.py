@@ -179,15 +179,28 @@ def mmdet_checkpoint(model: FocalRetinaNet, path: Path) -> Path:
 def test_mmdetection_checkpoint_loads_strictly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = create_detector("focal_tiny", CANVAS)
-    keys = set(source.state_dict())
-    assert {
-        "neck.lateral_convs.0.conv.weight",
-        "neck.fpn_convs.4.conv.bias",
-        "bbox_head.cls_convs.3.conv.weight",
-    } <= keys
-    assert {"bbox_head.reg_convs.0.conv.bias", "bbox_head.retina_cls.weight", "bbox_head.retina_reg.bias"} <= keys
-    assert {f"backbone.norm{i}.weight" for i in range(4)} <= keys
-    assert not any(".head." in k for k in keys)
+    shapes = {k: tuple(v.shape) for k, v in source.state_dict().items()}
+    # mmdetection's names and shapes for RetinaNet (FPN in 192/384/768, 256 channels, 9 anchors x 80 classes).
+    expected: dict[str, tuple[int, ...]] = {}
+    for i, cin in enumerate((192, 384, 768)):
+        expected |= {
+            f"neck.lateral_convs.{i}.conv.weight": (256, cin, 1, 1),
+            f"neck.lateral_convs.{i}.conv.bias": (256,),
+        }
+    for i, cin in enumerate((256, 256, 256, 768, 256)):  # fpn_convs.3 is the extra conv on C5 ('on_input')
+        expected |= {f"neck.fpn_convs.{i}.conv.weight": (256, cin, 3, 3), f"neck.fpn_convs.{i}.conv.bias": (256,)}
+    for branch in ("cls_convs", "reg_convs"):
+        for i in range(4):
+            expected |= {
+                f"bbox_head.{branch}.{i}.conv.weight": (256, 256, 3, 3),
+                f"bbox_head.{branch}.{i}.conv.bias": (256,),
+            }
+    expected |= {"bbox_head.retina_cls.weight": (720, 256, 3, 3), "bbox_head.retina_cls.bias": (720,)}
+    expected |= {"bbox_head.retina_reg.weight": (36, 256, 3, 3), "bbox_head.retina_reg.bias": (36,)}
+    assert {k: v for k, v in shapes.items() if not k.startswith("backbone.")} == expected
+    classifier = {k for k in create_model("focal_tiny").state_dict() if not k.startswith(("head.", "norm."))}
+    norms = {f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+    assert {k.removeprefix("backbone.") for k in shapes if k.startswith("backbone.")} == classifier | norms
     path = mmdet_checkpoint(source, tmp_path / "retinanet.pth")
     torch.manual_seed(1)
     target = create_detector("focal_tiny", CANVAS)
