@@ -49,10 +49,17 @@ def nms(
     """Class-aware greedy NMS; returns the kept row indices, best first, at most `max_detections`.
 
     Rows are visited in score order; each kept row suppresses the later rows of
-    its class that overlap it by more than `iou_threshold`. Only as many rows as
-    are kept get an IoU pass, so the cost is O(kept * N)."""
+    its class that overlap it by more than `iou_threshold`. Only kept rows get an
+    IoU pass, and only against their own class, so the cost is about
+    O(kept * rows per class)."""
+    if len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
     order = np.argsort(-scores, kind="stable")
     boxes, classes = boxes[order].astype(np.float64), classes[order]
+    # Positions (in score order) of each class's rows, ascending.
+    by_class = np.argsort(classes, kind="stable")
+    starts = np.flatnonzero(np.r_[True, classes[by_class][1:] != classes[by_class][:-1]])
+    members = dict(zip(classes[by_class][starts].tolist(), np.split(by_class, starts[1:]), strict=True))
     alive = np.ones(len(order), dtype=bool)
     keep: list[int] = []
     for i in range(len(order)):
@@ -61,9 +68,9 @@ def nms(
         if not alive[i]:
             continue
         keep.append(i)
-        rest = slice(i + 1, None)
-        overlap = box_iou(boxes[i], boxes[rest]) > iou_threshold
-        alive[rest] &= ~(overlap & (classes[rest] == classes[i]))
+        same = members[classes[i].item()]
+        later = same[np.searchsorted(same, i, side="right") :]
+        alive[later[box_iou(boxes[i], boxes[later]) > iou_threshold]] = False
     return np.asarray(order[keep], dtype=np.int64)
 
 
