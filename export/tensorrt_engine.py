@@ -5,7 +5,9 @@ cannot run on machines without TensorRT and a CUDA GPU (CI has neither); there
 `probe()` says why and the export records that reason instead of an engine.
 
 - TensorRT 10 has `BuilderFlag.FP16`: an fp16 engine is built from the fp32 ONNX
-  with that flag, with LayerNorm and Softmax layers constrained to fp32.
+  with that flag, with LayerNorm and Softmax layers constrained to fp32, and in a
+  detector every floating-point layer after the TopK too (box decoding), as the
+  fp16 ONNX has it.
 - TensorRT 11 removed the flag (networks are strongly typed): an fp16 engine is
   built from the fp16 ONNX, whose casts already keep LayerNorm/Softmax in fp32.
 """
@@ -111,6 +113,12 @@ def build_engine(
             if layer.type in pinned:
                 layer.precision = trt.float32
                 layer.set_output_type(0, trt.float32)
+        for layer in _after_topk(trt, network):
+            outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+            if outputs and all(t.dtype in (trt.float32, trt.float16) for t in outputs):
+                layer.precision = trt.float32
+                for j in range(len(outputs)):
+                    layer.set_output_type(j, trt.float32)
 
     lo, opt, hi = batch
     profile = builder.create_optimization_profile()
@@ -141,3 +149,22 @@ def build_engine(
         "strongly_typed": strongly_typed,
         "fp16_flag": fp16 and has_fp16_flag,
     }
+
+
+def _after_topk(trt: Any, network: Any) -> list[Any]:
+    """The layers fed, directly or not, by a TopK layer (a detector's selection and decoding).
+
+    Layers are listed in the order the parser added them, which is the ONNX graph's
+    topological order."""
+    tainted: set[str] = set()
+    tail = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
+        outputs = {layer.get_output(j).name for j in range(layer.num_outputs)}
+        if layer.type == trt.LayerType.TOPK:
+            tainted |= outputs
+        elif any(t is not None and t.name in tainted for t in inputs):
+            tainted |= outputs
+            tail.append(layer)
+    return tail

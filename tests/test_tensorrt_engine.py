@@ -25,15 +25,17 @@ class _Recorder:
         self.layers: list[Any] = []
 
 
-def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder) -> types.ModuleType:
+def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: bool = False) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
     flags = {"OBEY_PRECISION_CONSTRAINTS": "obey"} | ({"FP16": "fp16"} if has_fp16_flag else {})
     trt.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")  # type: ignore[attr-defined]
-    trt.LayerType = types.SimpleNamespace(NORMALIZATION="norm", SOFTMAX="softmax", MATRIX_MULTIPLY="mm")  # type: ignore[attr-defined]
-    trt.float32 = "float32"  # type: ignore[attr-defined]
+    trt.LayerType = types.SimpleNamespace(  # type: ignore[attr-defined]
+        NORMALIZATION="norm", SOFTMAX="softmax", MATRIX_MULTIPLY="mm", TOPK="topk", ELEMENTWISE="elementwise"
+    )
+    trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"  # type: ignore[attr-defined]
 
     class Logger:
         WARNING = 2
@@ -41,18 +43,41 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder) -> types.M
         def __init__(self, level: int) -> None:
             pass
 
+    class Tensor:
+        def __init__(self, name: str, dtype: str = "float32") -> None:
+            self.name, self.dtype = name, dtype
+
     class Layer:
-        def __init__(self, kind: str) -> None:
-            self.type, self.precision = kind, None
+        def __init__(self, kind: str, inputs: list[str], outputs: list[Tensor], name: str | None = None) -> None:
+            self.type, self.name, self.precision = kind, name or kind, None
+            self.inputs, self.outputs = [Tensor(n) for n in inputs], outputs
+            self.num_inputs, self.num_outputs = len(self.inputs), len(outputs)
             rec.layers.append(self)
 
+        def get_input(self, index: int) -> Tensor:
+            return self.inputs[index]
+
+        def get_output(self, index: int) -> Tensor:
+            return self.outputs[index]
+
         def set_output_type(self, index: int, dtype: str) -> None:
-            rec.calls.append(("output_type", (self.type, dtype)))
+            rec.calls.append(("output_type", (self.name, dtype)))
 
     class Network:
         def __init__(self, flags: int) -> None:
             rec.calls.append(("create_network", flags))
-            self.layers = [Layer("mm"), Layer("norm"), Layer("softmax")]
+            self.layers = [
+                Layer("mm", ["pixels"], [Tensor("a")]),
+                Layer("norm", ["a"], [Tensor("b")]),
+                Layer("softmax", ["b"], [Tensor("c")]),
+            ]
+            if detector:  # the tail of a detection graph: TopK, index arithmetic, box decoding
+                self.layers += [
+                    Layer("topk", ["c"], [Tensor("scores"), Tensor("index", "int64")]),
+                    Layer("elementwise", ["index"], [Tensor("anchor", "int64")], name="anchor_div"),
+                    Layer("elementwise", ["scores", "c"], [Tensor("boxes")], name="decode"),
+                    Layer("elementwise", ["c"], [Tensor("unrelated")], name="before_topk"),
+                ]
             self.num_layers = len(self.layers)
 
         def get_layer(self, i: int) -> Layer:
@@ -141,7 +166,7 @@ def test_tensorrt10_fp16_uses_the_flag_on_the_fp32_onnx_and_pins_norm_and_softma
     assert ("create_network", 0) in rec.calls
     assert ("flag", "fp16") in rec.calls
     assert ("flag", "obey") in rec.calls  # without it TensorRT 10 treats the fp32 pins as hints only
-    assert {layer.type: layer.precision for layer in rec.layers} == {
+    assert {layer.name: layer.precision for layer in rec.layers} == {
         "mm": None,
         "norm": "float32",
         "softmax": "float32",
@@ -189,3 +214,19 @@ def test_real_engine_build(tmp_path: Path) -> None:
     )
     assert manifest["engine"]["path"] == "model.engine"
     assert (tmp_path / "model.engine").stat().st_size > 0
+
+
+def test_tensorrt10_fp16_keeps_a_detectors_box_decoding_in_fp32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every floating-point layer fed by a TopK is pinned to fp32; integer index layers and
+    layers before the TopK are left alone."""
+    rec = _Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.16.0", True, rec, detector=True))
+    _build(tmp_path, fp16=True)
+    precision = {layer.name: layer.precision for layer in rec.layers}
+    assert precision["decode"] == "float32"
+    assert ("output_type", ("decode", "float32")) in rec.calls
+    assert precision["anchor_div"] is None
+    assert precision["topk"] is None
+    assert precision["before_topk"] is None
