@@ -29,26 +29,29 @@ def convert_to_fp16(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
         model = float16.convert_float_to_float16(fp32, keep_io_types=True, op_block_list=block, node_block_list=tail)
     model = fold_constants(model)  # the casts of fp32 LayerNorm weights back from fp16
-    _restore_layernorm_weights(fp32, model)
+    layer_norms = {n.name for n in fp32.graph.node if n.op_type == "LayerNormalization"}
+    _restore_fp32_initializers(fp32, model, layer_norms | set(tail))
     if tail:
         _drop_fp16_round_trips(model, set(tail))
     for before, after in zip(fp32.graph.output, model.graph.output, strict=True):
         if before.type.tensor_type.elem_type != after.type.tensor_type.elem_type:
             raise RuntimeError(f"fp16 conversion changed the type of output {before.name}")
+    onnx.checker.check_model(model, full_check=True)
     onnx.save_model(model, str(path))
     return model
 
 
-def _restore_layernorm_weights(fp32: onnx.ModelProto, fp16: onnx.ModelProto) -> None:
-    """The converter rounds every initializer to fp16, also the scale/bias of the LayerNorms it keeps
-    in fp32 (up to ~5e-4 off); put the original fp32 values back (node names survive the conversion)."""
+def _restore_fp32_initializers(fp32: onnx.ModelProto, fp16: onnx.ModelProto, nodes: set[str]) -> None:
+    """The converter rounds every initializer to fp16, also those of the nodes it keeps in fp32
+    (LayerNorm scales up to ~5e-4 off, anchor sizes up to 0.4 px); for the named nodes, put the
+    original fp32 values back (node names and input positions survive the conversion)."""
     originals = {init.name: init for init in fp32.graph.initializer}
-    fp32_inputs = {n.name: list(n.input) for n in fp32.graph.node if n.op_type == "LayerNormalization"}
+    fp32_inputs = {n.name: list(n.input) for n in fp32.graph.node if n.name in nodes}
     converted = {init.name: init for init in fp16.graph.initializer}
     for node in fp16.graph.node:
-        if node.op_type != "LayerNormalization" or node.name not in fp32_inputs:
+        if node.name not in fp32_inputs:
             continue
-        for source, target in zip(fp32_inputs[node.name][1:], node.input[1:], strict=False):
+        for source, target in zip(fp32_inputs[node.name], node.input, strict=False):
             init = converted.get(target)
             if source in originals and init is not None and init.data_type == onnx.TensorProto.FLOAT:
                 init.CopyFrom(originals[source])
@@ -102,7 +105,11 @@ def _drop_fp16_round_trips(model: onnx.ModelProto, tail: set[str]) -> None:
             replace[source] = value
             outputs[value].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
             dropped.add(id(node))
-        elif users and all(cast_to(user) == onnx.TensorProto.FLOAT for user in users):
+        elif (
+            value not in outputs
+            and users
+            and all(cast_to(user) == onnx.TensorProto.FLOAT and user.output[0] not in outputs for user in users)
+        ):
             for user in users:
                 replace[user.output[0]] = source
                 dropped.add(id(user))

@@ -113,11 +113,11 @@ def build_engine(
             if layer.type in pinned:
                 layer.precision = trt.float32
                 layer.set_output_type(0, trt.float32)
-        for layer in _after_topk(trt, network):
-            outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-            if outputs and all(t.dtype in (trt.float32, trt.float16) for t in outputs):
+        for layer in _detection_tail(trt, network):
+            floats = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in (trt.float32, trt.float16)]
+            if floats and layer.type != trt.LayerType.CAST:  # a Cast's output type is its own business
                 layer.precision = trt.float32
-                for j in range(len(outputs)):
+                for j in floats:
                     layer.set_output_type(j, trt.float32)
 
     lo, opt, hi = batch
@@ -151,20 +151,23 @@ def build_engine(
     }
 
 
-def _after_topk(trt: Any, network: Any) -> list[Any]:
-    """The layers fed, directly or not, by a TopK layer (a detector's selection and decoding).
+def _detection_tail(trt: Any, network: Any) -> list[Any]:
+    """The TopK layers, the layers they feed (directly or not) and the constants those read:
+    a detector's selection and box decoding.
 
     Layers are listed in the order the parser added them, which is the ONNX graph's
     topological order."""
     tainted: set[str] = set()
-    tail = []
+    constants: dict[str, Any] = {}
+    tail: list[Any] = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
+        inputs = [t.name for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None]
         outputs = {layer.get_output(j).name for j in range(layer.num_outputs)}
-        if layer.type == trt.LayerType.TOPK:
+        if layer.type == trt.LayerType.CONSTANT:
+            constants.update(dict.fromkeys(outputs, layer))
+        elif layer.type == trt.LayerType.TOPK or any(name in tainted for name in inputs):
             tainted |= outputs
-        elif any(t is not None and t.name in tainted for t in inputs):
-            tainted |= outputs
+            tail.extend(constants.pop(name) for name in inputs if name in constants)
             tail.append(layer)
     return tail

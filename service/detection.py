@@ -55,7 +55,8 @@ def nms(
     if len(scores) == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-scores, kind="stable")
-    boxes, classes = boxes[order].astype(np.float64), classes[order]
+    boxes = boxes[order].astype(np.float64)
+    classes = np.unique(classes[order], return_inverse=True)[1].reshape(-1)  # 0..k-1 codes (NaN included)
     # Positions (in score order) of each class's rows, ascending.
     by_class = np.argsort(classes, kind="stable")
     starts = np.flatnonzero(np.r_[True, classes[by_class][1:] != classes[by_class][:-1]])

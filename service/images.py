@@ -31,6 +31,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # The service enforces its own pixel limit before decoding; Pillow's own bomb
 # check would otherwise raise a different error (or warn) first.
 Image.MAX_IMAGE_PIXELS = None
+ORIENTATION_TAG = 0x0112
 
 
 class ImageError(Exception):
@@ -91,10 +92,9 @@ def decode_with_size(
                 if scale >= 2:
                     image.draft("RGB", (int(width / scale) + 1, int(height / scale) + 1))
             image.load()
-            stored = image.size
+            turned = image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)  # these swap width and height
             image = ImageOps.exif_transpose(image)
-            upright = (height, width) if image.size == stored[::-1] != stored else (width, height)
-            return to_rgb(image), upright
+            return to_rgb(image), (height, width) if turned else (width, height)
     except ImageTooLarge:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -228,9 +228,12 @@ def resize_linear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return pixels
     y0, y1, wy = _linear_taps(pixels.shape[0], size[1])
     x0, x1, wx = _linear_taps(pixels.shape[1], size[0])
-    top, bottom = pixels[y0].astype(np.float32), pixels[y1].astype(np.float32)  # only the rows needed
-    rows = top + (bottom - top) * wy[:, None, None]
-    left, right = rows[:, x0], rows[:, x1]
-    out = left + (right - left) * wx[None, :, None]
+    # The four neighbours of each output pixel, picked as uint8: memory follows the output size only.
+    rows0, rows1 = y0[:, None], y1[:, None]
+    a, b = pixels[rows0, x0].astype(np.float32), pixels[rows0, x1].astype(np.float32)
+    c, d = pixels[rows1, x0].astype(np.float32), pixels[rows1, x1].astype(np.float32)
+    weight_x = wx[None, :, None]
+    top, bottom = a + (b - a) * weight_x, c + (d - c) * weight_x  # horizontal first, as OpenCV
+    out = top + (bottom - top) * wy[:, None, None]
     result: np.ndarray = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return result

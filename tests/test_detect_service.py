@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -71,6 +72,19 @@ def test_fp16_detection_graph_keeps_its_output_and_box_decoding_in_fp32(detect_e
     boxes = rows[..., :4]
     inner = boxes[(boxes > 0) & (boxes < DETECT_CANVAS[0])]
     assert np.mean(inner.astype(np.float16).astype(np.float32) != inner) > 0.5
+    # The constants of the tail (anchor centres and sizes, clamps) are the fp32 graph's, bit for bit.
+    fp32 = onnx.load(str(folder / manifest["onnx_fp32"]))
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in fp32.graph.initializer}
+    converted = {init.name: onnx.numpy_helper.to_array(init) for init in graph.graph.initializer}
+    fp32_nodes = {node.name: node for node in fp32.graph.node}
+    checked = 0
+    for node in graph.graph.node:
+        if node.op_type in ("GatherND", "Clip", "Min", "Max") and node.name in fp32_nodes:
+            for source, target in zip(fp32_nodes[node.name].input, node.input, strict=False):
+                if source in values and values[source].dtype == np.float32:
+                    assert np.array_equal(converted[target], values[source]), (node.name, source)
+                    checked += 1
+    assert checked >= 20  # 5 levels x (2 anchor gathers + clamps and clips)
 
 
 def test_onnxruntime_matches_pytorch_at_batch_1_and_3(detect_export: Export) -> None:

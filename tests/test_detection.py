@@ -144,6 +144,8 @@ def test_nms_edge_cases() -> None:
     same = np.asarray([[0, 0, 10, 10]] * 3, dtype=np.float64)
     # Identical boxes: one survives per class; equal scores keep the first row.
     assert nms(same, np.asarray([0.5, 0.5, 0.5]), np.asarray([0, 1, 0]), 0.5, 100).tolist() == [0, 1]
+    # A NaN class (a broken backend) is its own class rather than a crash.
+    assert nms(same, np.asarray([0.5, 0.4, 0.3]), np.asarray([np.nan, 0, np.nan]), 0.5, 100).tolist()[:2] == [0, 1]
     # IoU exactly at the threshold is kept (suppression needs IoU > threshold).
     half = np.asarray([[0, 0, 10, 10], [0, 0, 10, 5]], dtype=np.float64)
     assert nms(half, np.asarray([0.9, 0.8]), np.zeros(2), 0.5, 100).tolist() == [0, 1]

@@ -158,3 +158,7 @@ def test_drafted_jpeg_reports_its_full_upright_size() -> None:
         decoded, full = decode_with_size(data, 10**8, draft_short_side=320)
         assert decoded.size == (700, 350)  # decoded at 1/2 scale
         assert full == (1400, 700)
+    # Nearly square: 1002x1001 upright decodes to 501x501 (rounded up), the full size still turns.
+    decoded, full = decode_with_size(exif_rotated_jpeg(photo((1002, 1001))), 10**8, draft_short_side=320)
+    assert decoded.size == (501, 501)
+    assert full == (1002, 1001)

@@ -33,7 +33,13 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: 
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")  # type: ignore[attr-defined]
     trt.LayerType = types.SimpleNamespace(  # type: ignore[attr-defined]
-        NORMALIZATION="norm", SOFTMAX="softmax", MATRIX_MULTIPLY="mm", TOPK="topk", ELEMENTWISE="elementwise"
+        NORMALIZATION="norm",
+        SOFTMAX="softmax",
+        MATRIX_MULTIPLY="mm",
+        TOPK="topk",
+        ELEMENTWISE="elementwise",
+        CONSTANT="constant",
+        CAST="cast",
     )
     trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"  # type: ignore[attr-defined]
 
@@ -73,10 +79,13 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: 
             ]
             if detector:  # the tail of a detection graph: TopK, index arithmetic, box decoding
                 self.layers += [
+                    Layer("constant", [], [Tensor("anchors")], name="anchors"),
+                    Layer("constant", [], [Tensor("other")], name="other_constant"),
+                    Layer("elementwise", ["c", "other"], [Tensor("unrelated")], name="before_topk"),
                     Layer("topk", ["c"], [Tensor("scores"), Tensor("index", "int64")]),
                     Layer("elementwise", ["index"], [Tensor("anchor", "int64")], name="anchor_div"),
-                    Layer("elementwise", ["scores", "c"], [Tensor("boxes")], name="decode"),
-                    Layer("elementwise", ["c"], [Tensor("unrelated")], name="before_topk"),
+                    Layer("cast", ["anchor"], [Tensor("class_id")], name="class_to_float"),
+                    Layer("elementwise", ["scores", "anchors"], [Tensor("boxes")], name="decode"),
                 ]
             self.num_layers = len(self.layers)
 
@@ -219,14 +228,15 @@ def test_real_engine_build(tmp_path: Path) -> None:
 def test_tensorrt10_fp16_keeps_a_detectors_box_decoding_in_fp32(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every floating-point layer fed by a TopK is pinned to fp32; integer index layers and
-    layers before the TopK are left alone."""
+    """The TopK, every floating-point layer it feeds and the constants those read are pinned
+    to fp32; integer index layers, casts and everything before the TopK are left alone."""
     rec = _Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.16.0", True, rec, detector=True))
     _build(tmp_path, fp16=True)
     precision = {layer.name: layer.precision for layer in rec.layers}
-    assert precision["decode"] == "float32"
+    assert precision["decode"] == precision["topk"] == precision["anchors"] == "float32"
     assert ("output_type", ("decode", "float32")) in rec.calls
-    assert precision["anchor_div"] is None
-    assert precision["topk"] is None
-    assert precision["before_topk"] is None
+    assert ("output_type", ("topk", "float32")) in rec.calls  # its values; not its int64 indices
+    assert len([c for c in rec.calls if c == ("output_type", ("topk", "float32"))]) == 1
+    for name in ("anchor_div", "class_to_float", "before_topk", "other_constant", "mm"):
+        assert precision[name] is None, name
