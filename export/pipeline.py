@@ -58,7 +58,7 @@ from focal.labels import coco_labels
 
 TASKS = ("classify", "detect")
 DEFAULT_SIZES = {"classify": (224, 224), "detect": (640, 640)}
-# (opt, max) batch of the TensorRT profile; a 640x640 detector costs ~8x a 224 classifier per image.
+# (opt, max) batch of the TensorRT profile; a 640x640 detector costs ~16x a 224 classifier per image.
 DEFAULT_BATCHES = {"classify": (8, 32), "detect": (2, 8)}
 DETECTIONS = "detections"
 FP32_ONNX = "model.fp32.onnx"

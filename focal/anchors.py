@@ -7,9 +7,9 @@ x inner), the 9 anchors of that cell, ratio-major (ratios 0.5, 1, 2, each at the
 s is centred at (j * s, i * s). This is the order in which the head's
 convolution channels (anchor-major, then class or coordinate) are flattened.
 
-Box deltas are DeltaXYWH with means 0 and stds 1: a box is its anchor's centre
-moved by (dx * w, dy * h) and its size scaled by (exp(dw), exp(dh)), with dw,
-dh clamped to |log(16/1000)| as mmdetection does.
+Box deltas are DeltaXYWH with means 0 and stds 1 (`focal.detection.decode_boxes`):
+a box is its anchor's centre moved by (dx * w, dy * h) and its size scaled by
+(exp(dw), exp(dh)), with dw, dh clamped to |log(16/1000)| as mmdetection does.
 """
 
 from __future__ import annotations
@@ -67,15 +67,3 @@ def level_sizes(canvas: tuple[int, int], num_levels: int = 5) -> list[tuple[int,
 # mmdetection's DeltaXYWHBBoxCoder default: log-size deltas are clamped to |log(16 / 1000)|.
 WH_RATIO_CLIP = 16 / 1000
 MAX_LOG_RATIO = abs(math.log(WH_RATIO_CLIP))
-
-
-def decode_deltas(anchors: np.ndarray, deltas: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
-    """DeltaXYWH (means 0, stds 1) decoding, clipped to the canvas (H, W); NumPy reference of the graph's."""
-    ctr = (anchors[..., :2] + anchors[..., 2:]) * 0.5
-    size = anchors[..., 2:] - anchors[..., :2]
-    new_ctr = ctr + size * deltas[..., :2]
-    new_size = size * np.exp(np.clip(deltas[..., 2:], -MAX_LOG_RATIO, MAX_LOG_RATIO))
-    limit = np.asarray([canvas[1], canvas[0]], dtype=anchors.dtype)
-    low = np.clip(new_ctr - 0.5 * new_size, 0, limit)
-    high = np.clip(new_ctr + 0.5 * new_size, 0, limit)
-    return np.concatenate([low, high], axis=-1)

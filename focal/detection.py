@@ -235,15 +235,22 @@ class FocalRetinaNet(nn.Module):
             anchor = index // classes  # exported as integer Div (torch.div with a rounding mode goes through floats)
             delta = deltas.gather(1, anchor.unsqueeze(-1).expand(-1, -1, 4))
             centers, sizes = getattr(self, f"anchor_centers{i}")[anchor], getattr(self, f"anchor_sizes{i}")[anchor]
-            new_ctr = centers + sizes * delta[..., :2]
-            new_size = sizes * torch.exp(delta[..., 2:].clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-            low = torch.minimum(torch.clamp(new_ctr - 0.5 * new_size, min=0), self.canvas_limit)
-            high = torch.minimum(torch.clamp(new_ctr + 0.5 * new_size, min=0), self.canvas_limit)
-            rows.append(torch.cat([low, high, top.sigmoid().unsqueeze(-1), class_id.unsqueeze(-1).float()], dim=-1))
+            boxes = decode_boxes(centers, sizes, delta, self.canvas_limit)
+            rows.append(torch.cat([boxes, top.sigmoid().unsqueeze(-1), class_id.unsqueeze(-1).float()], dim=-1))
         return torch.cat(rows, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.select_and_decode(self.forward_raw(x))
+
+
+def decode_boxes(centers: Tensor, sizes: Tensor, deltas: Tensor, limit: Tensor) -> Tensor:
+    """DeltaXYWH (means 0, stds 1): anchor centres move by (dx, dy) * size, sizes scale by exp(dw, dh)
+    clamped to |log(16/1000)|; boxes (x1, y1, x2, y2) are clipped to [0, limit (W, H)]."""
+    new_ctr = centers + sizes * deltas[..., :2]
+    new_size = sizes * torch.exp(deltas[..., 2:].clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    low = torch.minimum(torch.clamp(new_ctr - 0.5 * new_size, min=0), limit)
+    high = torch.minimum(torch.clamp(new_ctr + 0.5 * new_size, min=0), limit)
+    return torch.cat([low, high], dim=-1)
 
 
 def _top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

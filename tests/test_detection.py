@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from focal import CheckpointAdaptationWarning, CheckpointError, create_model
-from focal.anchors import AnchorSpec, decode_deltas, level_sizes
+from focal.anchors import AnchorSpec, level_sizes
 from focal.detection import (
     FocalRetinaNet,
     create_detector,
+    decode_boxes,
     is_detection_state_dict,
     load_backbone_weights,
     load_detection_checkpoint,
@@ -90,8 +91,13 @@ def test_selection_and_decoding_match_a_plain_reference() -> None:
             expected = reference_select(raw[level][0][b].numpy(), raw[level][1][b].double().numpy(), anchors, k)
             np.testing.assert_allclose(rows[b, start : start + k], expected, rtol=1e-5, atol=2e-4)
         start += k
-    # The NumPy decoder: centre moves by d * size, size scales by exp(d) (clamped), clipped to the canvas.
-    decoded = decode_deltas(np.asarray([[0.0, 0, 32, 16]]), np.asarray([[0.5, -0.25, 0.1, 10.0]]), CANVAS)
+    # One box by hand: centre moves by d * size, size scales by exp(d) (clamped), clipped to the canvas.
+    decoded = decode_boxes(
+        torch.tensor([[16.0, 8.0]], dtype=torch.float64),
+        torch.tensor([[32.0, 16.0]], dtype=torch.float64),
+        torch.tensor([[0.5, -0.25, 0.1, 10.0]], dtype=torch.float64),
+        torch.tensor([CANVAS[1], CANVAS[0]], dtype=torch.float64),
+    ).numpy()
     half_w = 16 * math.exp(0.1)
     np.testing.assert_allclose(decoded, [[32 - half_w, 0, 32 + half_w, CANVAS[0]]], rtol=1e-12)
 
