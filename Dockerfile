@@ -14,6 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY focal/ focal/
 COPY export/ export/
+COPY manifest/ manifest/
 COPY service/ service/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 

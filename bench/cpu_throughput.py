@@ -26,7 +26,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from export.pipeline import ExportOptions, run_export
+from export.options import ExportOptions
+from export.pipeline import run_export
 from focal import create_model
 from focal.info import official_macs
 
@@ -74,12 +75,12 @@ def run(variant: str, threads: int, rounds: int, batches: tuple[int, ...]) -> di
     manifest = run_export(
         ExportOptions(variant=variant, random_init=True, out=export_dir, engine="skip"), log=lambda _: None
     )
-    h, w = manifest["input_size"]
+    h, w = manifest.input_size
     torch.manual_seed(0)
     model = create_model(variant, img_size=(h, w))
     gflop_per_image = 2 * official_macs(model) / 1e9
     sess = ort.InferenceSession(
-        str(export_dir / manifest["onnx_fp32"]), _options(threads), providers=["CPUExecutionProvider"]
+        str(export_dir / manifest.onnx_fp32), _options(threads), providers=["CPUExecutionProvider"]
     )
     inputs = {b: np.random.default_rng(b).standard_normal((b, 3, h, w), dtype=np.float32) for b in batches}
 
@@ -130,7 +131,7 @@ def run(variant: str, threads: int, rounds: int, batches: tuple[int, ...]) -> di
         "rounds": rounds,
         "peak_gflop_per_s": {k: round(v, 1) for k, v in peaks.items()},
         "peak_used": round(peak, 1),
-        "onnx_nodes": manifest["graph"]["node_count"],
+        "onnx_nodes": manifest.graph.node_count,
         "machine": {
             "cpu": _cpu_name(),
             "cores_visible": os.cpu_count(),

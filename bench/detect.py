@@ -29,12 +29,12 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.cpu_throughput import RESULTS, _cpu_name
-from bench.load import _load, _percentile
-from export.pipeline import ExportOptions, run_export
-from service.detection import DetectionSettings, postprocess
-from service.images import Letterbox, decode, letterbox
+from bench.load import _load, _percentile, sample_jpeg
+from export.options import ExportOptions
+from export.pipeline import run_export
+from service.images import decode
 from service.launch import running_server
-from tests.images import encode, photo
+from service.tasks.detect import Letterbox, Letterboxed, postprocess
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -61,7 +61,8 @@ def run(variant: str, rounds: int, seconds: float) -> dict[str, Any]:
         ExportOptions(variant=variant, task="detect", random_init=True, out=det_folder, engine="skip"), **quiet
     )
     cls = run_export(ExportOptions(variant=variant, random_init=True, out=cls_folder, engine="skip"), **quiet)
-    det_session, cls_session = _session(det_folder / det["onnx_fp32"]), _session(cls_folder / cls["onnx_fp32"])
+    assert det.task == "detect"
+    det_session, cls_session = _session(det_folder / det.onnx_fp32), _session(cls_folder / cls.onnx_fp32)
     rng = np.random.default_rng(0)
     det_in = {b: rng.standard_normal((b, 3, *canvas), dtype=np.float32) for b in (1, 2)}
     cls_in = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
@@ -81,19 +82,20 @@ def run(variant: str, rounds: int, seconds: float) -> dict[str, Any]:
         "detector_over_classifier_latency": round(statistics.median(b1) / statistics.median(c1), 2),
     }
 
-    body = encode(photo((640, 480)), "JPEG", quality=90)
-    spec = Letterbox.from_manifest(det["preprocess"])
-    letterbox_ms = _median_ms(lambda: letterbox(decode(body, 10**8, spec.draft_short_side), spec), 20)
+    body = sample_jpeg((640, 480))
+    spec = Letterbox.from_manifest(det.preprocess)
+    letterbox_ms = _median_ms(lambda: spec.to_canvas(decode(body, 10**8, spec.draft_short_side)), 20)
     rows = np.asarray(det_session.run(None, {"pixels": det_in[1]})[0])[0].copy()
     # Random-init scores sit under the 0.05 threshold; give every candidate a score above it
     # and a random class, so all 5000 enter NMS (the most work it can get).
     rows[:, 4] = rng.uniform(0.06, 1.0, len(rows))
     rows[:, 5] = rng.integers(0, 80, len(rows))
-    settings = DetectionSettings.from_manifest(det["detection"])
-    nms_ms = _median_ms(lambda: postprocess(rows, settings, (640, 480), (640, 480), (1.0, 1.0), 0.0, 100), 20)
+    settings = det.detection.postprocess
+    placed = Letterboxed(np.zeros(0), (640, 480), (640, 480), (1.0, 1.0))
+    nms_ms = _median_ms(lambda: postprocess(rows, placed, settings, 0.0, 100), 20)
     one_class = rows.copy()
     one_class[:, 5] = 0  # every candidate in one class: each IoU pass covers all 5000
-    one_ms = _median_ms(lambda: postprocess(one_class, settings, (640, 480), (640, 480), (1.0, 1.0), 0.0, 100), 20)
+    one_ms = _median_ms(lambda: postprocess(one_class, placed, settings, 0.0, 100), 20)
     host = {
         "letterbox_decode_preprocess_ms": round(letterbox_ms, 1),
         "nms_5000_candidates_80_classes_ms": round(nms_ms, 1),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import re
 import statistics
@@ -29,12 +30,15 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from bench.cpu_throughput import RESULTS, _cpu_name
-from export.pipeline import ExportOptions, run_export
-from service.images import Preprocess, decode, preprocess
+from export.options import ExportOptions
+from export.pipeline import run_export
+from manifest import Manifest
+from service.images import decode
 from service.launch import Server, running_server
-from tests.images import encode, photo
+from service.tasks.classify import CenterCrop
 
 MAX_BATCH = 8
 
@@ -86,8 +90,19 @@ async def _load(url: str, body: bytes, concurrency: int, seconds: float, on_tick
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
 
 
-def _backend_baseline(folder: Path, manifest: dict[str, Any], sample: np.ndarray, rounds: int = 7) -> dict[str, float]:
-    session = ort.InferenceSession(str(folder / manifest["onnx_fp32"]), providers=["CPUExecutionProvider"])
+def sample_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
+    """A photo-like JPEG (colour gradients and noise): it decodes like a real photo of that size."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * 255 + rng.normal(0, 20, (h, w, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _backend_baseline(folder: Path, manifest: Manifest, sample: np.ndarray, rounds: int = 7) -> dict[str, float]:
+    session = ort.InferenceSession(str(folder / manifest.onnx_fp32), providers=["CPUExecutionProvider"])
     one, full = sample[None], np.repeat(sample[None], MAX_BATCH, axis=0)
     session.run(None, {"pixels": full})
     b1, bmax = [], []
@@ -109,12 +124,13 @@ def run(concurrencies: list[int], seconds: float, soak_seconds: float) -> dict[s
     manifest = run_export(
         ExportOptions(variant="focal_tiny", random_init=True, out=folder, engine="skip"), log=lambda _: None
     )
-    body = encode(photo((640, 480)), "JPEG", quality=90)
-    spec = Preprocess.from_manifest(manifest["preprocess"])
+    body = sample_jpeg((640, 480))
+    assert manifest.task == "classify"
+    spec = CenterCrop.from_manifest(manifest.preprocess)
     decode_times = []
     for _ in range(20):
         start = time.perf_counter()
-        sample = preprocess(decode(body, 10**8, draft_short_side=spec.draft_short_side), spec)
+        sample = spec.to_canvas(decode(body, 10**8, draft_short_side=spec.draft_short_side)).pixels
         decode_times.append(time.perf_counter() - start)
     decode_ms = statistics.median(decode_times) * 1000
     baseline = _backend_baseline(folder, manifest, sample)

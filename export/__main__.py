@@ -10,7 +10,9 @@ from pathlib import Path
 
 from export.engine import ENGINE_MODES
 from export.graph_gate import GraphGateError
-from export.pipeline import TASKS, ExportError, ExportOptions, run_export
+from export.options import ExportError, ExportOptions
+from export.pipeline import run_export
+from export.tasks import TASKS
 from export.verify import VerificationError
 from focal import CheckpointError, variant_names
 from focal.__main__ import parse_image_size
@@ -29,7 +31,7 @@ def _json_object(text: str) -> dict[str, object]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--variant", required=True, help=f"one of {', '.join(variant_names())} (or an official long name)")
-    p.add_argument("--task", choices=TASKS, default="classify")
+    p.add_argument("--task", choices=list(TASKS), default="classify")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument(
         "--weights",
@@ -57,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="classify: the input size (default 224); detect: the static canvas images are letterboxed into "
         "(default 640x640; 800x1344 is the paper's setting)",
     )
-    p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32), verified against fp32 (fails beyond 1e-2)",
+    )
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=None, help="default: 8 (classify), 2 (detect)")
     p.add_argument("--max-batch", type=int, default=None, help="default: 32 (classify), 8 (detect)")
@@ -114,10 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     out = opts.out or opts.default_out()
-    engine = manifest["engine"] or f"none ({manifest['engine_skipped_reason']})"
+    engine = manifest.engine.path if manifest.engine else f"none ({manifest.engine_skipped_reason})"
     print(
-        f"exported {manifest['variant']} to {out} in {time.perf_counter() - start:.0f} s: "
-        f"{manifest['onnx']}, engine {engine}"
+        f"exported {manifest.variant} to {out} in {time.perf_counter() - start:.0f} s: {manifest.onnx}, engine {engine}"
     )
     return 0
 

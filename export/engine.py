@@ -18,11 +18,9 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from export import tensorrt_engine
-from export.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from export.weights import sha256_file
+from manifest import MANIFEST_NAME, Engine, Manifest, ManifestError, read_manifest, sha256_file
 
 ENGINE = "model.engine"
 ENGINE_MODES = ("auto", "required", "skip")
@@ -30,7 +28,7 @@ ENGINE_MODES = ("auto", "required", "skip")
 
 def ensure_engine(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     mode: str,
     workspace_gib: float = 4.0,
     timing_cache: Path | None = None,
@@ -39,9 +37,9 @@ def ensure_engine(
     """Make `manifest` (of `folder`) describe a usable engine, or say why there is none. Raises EngineError."""
 
     def skip(reason: str) -> None:
-        manifest["engine"], manifest["engine_info"], manifest["engine_skipped_reason"] = None, None, reason
+        manifest.engine, manifest.engine_skipped_reason = None, reason
         (folder / ENGINE).unlink(missing_ok=True)  # never leave an engine the manifest does not describe
-        manifest.get("sha256", {}).pop(ENGINE, None)
+        manifest.sha256.pop(ENGINE, None)
         log(f"skipped: {reason}")
 
     if mode == "skip":
@@ -53,54 +51,51 @@ def ensure_engine(
             raise tensorrt_engine.EngineError(f"--engine required, but no engine can be built here: {probe.reason}")
         skip(probe.reason or "TensorRT unavailable")
         return
-    fp16 = manifest["precision"] == "fp16"
-    source = manifest["onnx"] if fp16 else manifest["onnx_fp32"]
-    batch = manifest["batch"]
+    fp16 = manifest.precision == "fp16"
+    source = manifest.onnx if fp16 else manifest.onnx_fp32
     target = {
-        "tensorrt_version": probe.tensorrt_version,
-        "gpu_name": probe.gpu_name,
-        "compute_capability": probe.compute_capability,
-        "precision": manifest["precision"],
-        "batch": batch,
+        "tensorrt_version": probe.tensorrt_version or "",
+        "gpu_name": probe.gpu_name or "",
+        "compute_capability": probe.compute_capability or "",
+        "precision": manifest.precision,
+        "batch": manifest.batch,
         "onnx_sha256": sha256_file(folder / source),
     }
-    previous = manifest.get("engine_info") or {}
-    recorded = manifest.get("sha256", {}).get(ENGINE)
+    previous = manifest.engine
     if (
-        all(previous.get(k) == v for k, v in target.items())
-        and recorded
-        and (folder / ENGINE).is_file()
-        and sha256_file(folder / ENGINE) == recorded
+        previous is not None
+        and all(getattr(previous, k) == v for k, v in target.items())
+        and manifest.intact(folder, [previous.path])
     ):
-        log(f"reusing {ENGINE} (built for {probe.gpu_name}, TensorRT {probe.tensorrt_version})")
+        log(f"reusing {previous.path} (built for {probe.gpu_name}, TensorRT {probe.tensorrt_version})")
         return
-    h, w = manifest["input_size"]
+    batch = manifest.batch
     details = tensorrt_engine.build_engine(
-        fp32_onnx=folder / manifest["onnx_fp32"],
-        fp16_onnx=folder / manifest["onnx"] if fp16 else None,
+        fp32_onnx=folder / manifest.onnx_fp32,
+        fp16_onnx=folder / manifest.onnx if fp16 else None,
         engine_path=folder / ENGINE,
-        input_name=manifest["input"]["name"],
-        input_shape=(3, h, w),
-        batch=(batch["min"], batch["opt"], batch["max"]),
+        input_name=manifest.input.name,
+        input_shape=(3, *manifest.input_size),
+        batch=(batch.min, batch.opt, batch.max),
         workspace_bytes=int(workspace_gib * (1 << 30)),
         timing_cache=timing_cache,
         log=log,
     )
-    manifest["engine"] = ENGINE
-    manifest["engine_info"] = {**target, **details}
-    manifest["engine_skipped_reason"] = None
-    manifest.setdefault("sha256", {})[ENGINE] = sha256_file(folder / ENGINE)
+    manifest.engine = Engine.model_validate({**target, **details, "path": ENGINE})
+    manifest.engine_skipped_reason = None
+    manifest.sha256[ENGINE] = sha256_file(folder / ENGINE)
     log(f"built {ENGINE} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")
 
 
 def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) -> None:
     """Copy an export folder's artifacts into `target`, unless it already holds the same export."""
     manifest = read_manifest(source)
-    if manifest is None:
-        raise FileNotFoundError(f"{source}: no readable {MANIFEST_NAME}")
-    names = sorted({manifest["onnx"], manifest["onnx_fp32"], manifest["labels"]})
-    current = read_manifest(target)
-    if current is not None and all(current.get("sha256", {}).get(n) == manifest["sha256"].get(n) for n in names):
+    names = sorted({*manifest.onnx_names, manifest.labels})
+    try:
+        current: Manifest | None = read_manifest(target)
+    except ManifestError:
+        current = None
+    if current is not None and all(current.sha256.get(n) == manifest.sha256.get(n) for n in names):
         log(f"{target} already holds this export")
         return
     target.mkdir(parents=True, exist_ok=True)
@@ -124,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.source is not None:
             copy_export(args.source, args.model)
         manifest = read_manifest(args.model)
-        if manifest is None:
-            raise FileNotFoundError(f"{args.model}: no readable {MANIFEST_NAME}")
         ensure_engine(args.model, manifest, args.engine, args.workspace_gib, args.timing_cache)
-        write_manifest(args.model, manifest)
-    except (tensorrt_engine.EngineError, OSError, KeyError) as exc:
+        manifest.write(args.model)
+    except (tensorrt_engine.EngineError, ManifestError, OSError) as exc:
         print(f"engine build failed: {exc}", file=sys.stderr)
         return 1
     return 0

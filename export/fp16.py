@@ -2,7 +2,11 @@
 
 LayerNormalization and Softmax stay in fp32 (with casts around them): fp16
 LayerNorm overflow is the most reported TensorRT transformer accuracy problem,
-and the attention softmax sees the -100 masks and large logits.
+and the attention softmax sees large logits and the masked keys' -1e4
+(`focal.geometry.MASK_VALUE`), whose exponentials need fp32's range.
+
+The result is not trusted for being converted: every task verifies it against
+the fp32 graph and fails the export beyond a bound (`export.tasks`).
 
 In a detection graph everything after the per-level TopK (index arithmetic,
 anchor gathers, box decoding) stays fp32 too: canvas coordinates need more
@@ -12,7 +16,6 @@ than fp16's 11 bits, and it is a few thousand rows, so fp32 costs nothing.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import onnx
 from onnxconverter_common import float16
@@ -22,7 +25,7 @@ from export.onnx_export import fold_constants
 FP32_OPS = ("LayerNormalization", "Softmax")
 
 
-def convert_to_fp16(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+def convert_to_fp16(fp32: onnx.ModelProto) -> onnx.ModelProto:
     block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
     tail = _after_topk(fp32)
     with warnings.catch_warnings():
@@ -37,7 +40,6 @@ def convert_to_fp16(fp32: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         if before.type.tensor_type.elem_type != after.type.tensor_type.elem_type:
             raise RuntimeError(f"fp16 conversion changed the type of output {before.name}")
     onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, str(path))
     return model
 
 

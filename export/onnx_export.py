@@ -46,12 +46,11 @@ def _quiet_exporter() -> Iterator[None]:
 
 def export_onnx(
     model: nn.Module,
-    path: Path,
     input_size: tuple[int, int],
     output_names: list[str],
     max_batch: int = 1024,
 ) -> onnx.ModelProto:
-    """Export `model` (eval mode, fp32) to `path`; returns the saved ModelProto (weights inside the file)."""
+    """Export `model` (eval mode, fp32): the constant-folded graph with a symbolic batch axis, in memory."""
     model = model.eval()
     example = torch.randn(TRACE_BATCH, 3, *input_size)
     batch = torch.export.Dim("batch", min=1, max=max(max_batch, TRACE_BATCH + 1))
@@ -71,7 +70,6 @@ def export_onnx(
         raise RuntimeError("torch.onnx.export returned no program")
     proto = fold_constants(program.model_proto)
     _rename_batch_dim(proto)
-    save_onnx(proto, path)
     return proto
 
 
@@ -100,10 +98,24 @@ def _rename_batch_dim(proto: onnx.ModelProto) -> None:
 
 
 def keep_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the graph with only the named outputs (and without the nodes only the others needed)."""
+    """A copy of the graph with only the named outputs, without the nodes and initializers only the
+    others needed. Nothing else changes: the kept nodes are the very nodes that were verified."""
     slim = onnx.ModelProto()
     slim.CopyFrom(proto)
-    kept = [o for o in slim.graph.output if o.name in names]
-    del slim.graph.output[:]
-    slim.graph.output.extend(kept)
-    return fold_constants(slim)
+    graph = slim.graph
+    kept_outputs = [o for o in graph.output if o.name in names]
+    needed = {o.name for o in kept_outputs}
+    nodes = []
+    for node in reversed(graph.node):  # topologically sorted: walk back from the outputs
+        if any(name in needed for name in node.output):
+            nodes.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
+    for field in (graph.initializer, graph.value_info):
+        kept = [item for item in field if item.name in needed]
+        del field[:]
+        field.extend(kept)
+    return slim

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -11,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-RANDOM_INIT = "random-init"
+from manifest import RANDOM_INIT, Weights, WeightsKind, sha256_file
+
 RANDOM_INIT_SEED = 0
 
 
@@ -21,34 +21,25 @@ class WeightsError(Exception):
 
 @dataclass(frozen=True)
 class WeightsSource:
-    kind: str  # "file", "pretrained" or "random-init"
+    kind: WeightsKind
     path: Path | None
     sha256: str | None
     url: str | None = None
 
-    def manifest_entry(self) -> dict[str, object]:
+    def manifest_entry(self, adaptations: list[str]) -> Weights:
         if self.kind == RANDOM_INIT:
-            return {"source": RANDOM_INIT, "seed": RANDOM_INIT_SEED, "sha256": None}
-        entry: dict[str, object] = {
-            "source": self.kind,
-            "sha256": self.sha256,
-            "file": self.path.name if self.path else None,
-            "path": str(self.path.resolve()) if self.path else None,  # for the service's PyTorch reference
-        }
-        if self.url:
-            entry["url"] = self.url
-        return entry
+            return Weights(source=RANDOM_INIT, seed=RANDOM_INIT_SEED, sha256=None)
+        return Weights(
+            source=self.kind,
+            sha256=self.sha256,
+            file=self.path.name if self.path else None,
+            path=str(self.path.resolve()) if self.path else None,  # for the service's PyTorch reference
+            url=self.url,
+            adaptations=adaptations,
+        )
 
     def fingerprint(self) -> str:
         return f"{RANDOM_INIT}:{RANDOM_INIT_SEED}" if self.kind == RANDOM_INIT else f"sha256:{self.sha256}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -8,7 +8,7 @@ checkpoints of microsoft/Focal-Transformer load unchanged (see
 How this implementation deviates from the official one:
 - The model is built for one input size (as the official one is), and every
   index it needs (padding + window partition, the neighbour ring with its cyclic
-  wrap-around, the pooled windows, the -100 masks, the relative-position-bias
+  wrap-around, the pooled windows, the key masks, the relative-position-bias
   layouts) is computed once at build time from plain ints (`focal.geometry`) and
   kept as non-persistent buffers. The forward pass uses gathers with those
   constant indices, matmuls, softmax and element-wise ops only: no `roll`,

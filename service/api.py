@@ -1,49 +1,47 @@
-"""Routes: /classify, /detect, health probes, /v1/models, /metrics."""
+"""Generic request handling, the same for every task, and the routes that are not a task's:
+health probes, /v1/models, /metrics.
+
+A task's route (`service.tasks`) does: `serving_model` (which model, or 404/503), its own
+parameter checks, `run_images` (admission, reading the body, decoding and the task's
+transform in the thread pool, inference through the batcher with the request's
+deadline), then its own post-processing and response.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from service import errors
-from service.app import ServiceState
 from service.batcher import BackendError, DeadlineExceeded, Draining, QueueFull
-from service.detection import postprocess
-from service.images import (
-    ImageError,
-    ImageTooLarge,
-    Letterbox,
-    Letterboxed,
-    decode_with_size,
-    letterbox,
-    preprocess,
-)
-from service.models import ServedModel
-from service.schemas import ClassifyResponse, DetectResponse, ErrorResponse, Health, ModelsResponse
+from service.images import ImageError, ImageTooLarge, decode_with_size
+from service.schemas import ErrorResponse, Health, ModelsResponse
+from service.state import ServiceState
+
+if TYPE_CHECKING:
+    from service.models import ServedModel
+    from service.tasks import Placed
 
 router = APIRouter()
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
-RETRY_AFTER_S = "1"
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "an image could not be decoded",
-        413: "body, image pixel count or number of images over the limit",
-        415: "unsupported content type",
-        422: "bad parameters",
-        429: "queue full (Retry-After)",
-        503: "not ready or shutting down (Retry-After)",
-        504: "deadline passed while queued",
-        500: "the backend failed on this request's batch",
-    }.items()
+IMAGE_ROUTE_ERRORS = {
+    400: "an image could not be decoded, or the multipart body is malformed",
+    404: "no model of this task is loaded on this server",
+    413: "body, image pixel count or number of images over the limit",
+    415: "unsupported content type",
+    422: "bad parameters",
+    429: "queue full (Retry-After)",
+    500: "the backend failed on this request's batch",
+    503: "still loading, or shutting down (Retry-After)",
+    504: "deadline passed while queued",
 }
 _IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
@@ -62,9 +60,64 @@ _IMAGE_BODY: dict[str, Any] = {
 }
 
 
+def error_responses(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses, each with the error body's schema."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in statuses.items()}
+
+
+def image_route(summary: str) -> dict[str, Any]:
+    """The keyword arguments of `router.post` for a route that takes images: every status it can answer."""
+    return {"responses": error_responses(IMAGE_ROUTE_ERRORS), "openapi_extra": _IMAGE_BODY, "summary": summary}
+
+
 def _state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
+
+
+State = Annotated[ServiceState, Depends(_state)]
+
+
+def serving_model(state: ServiceState, task: str) -> ServedModel:
+    """The model of `task`; 503 while it loads or the server drains, 404 when none was configured."""
+    retry = {"Retry-After": str(state.settings.retry_after_s)}
+    if state.draining:
+        raise errors.Unavailable("the server is shutting down", headers=retry)
+    model = state.by_task(task)
+    if model is not None:
+        return model
+    if state.serves(task) and not state.failed:
+        raise errors.Unavailable(f"the {task} model is still loading", headers=retry)
+    raise errors.NotFound(f"no {task} model is loaded on this server")
+
+
+async def run_images(
+    request: Request, state: ServiceState, model: ServedModel
+) -> tuple[list[Placed], list[np.ndarray]]:
+    """The request's images, each through the task's transform and the model: (placed, output) pairs in order."""
+    _admit(state, model)
+    blobs = await _read_images(request, state.settings.max_images_per_request)
+    placed = await _prepare(state, model, blobs)
+    outputs = await _infer(state, model, [p.pixels for p in placed], request)
+    return placed, outputs
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def off_loop(state: ServiceState, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """`work` over `items` in the thread pool (post-processing that would block the event loop)."""
+    loop = asyncio.get_running_loop()
+    return list(await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, work, item) for item in items)))
+
+
+def _admit(state: ServiceState, model: ServedModel) -> None:
+    """Refuse before reading or decoding anything when the model's queue is already full."""
+    if model.batcher.queue_depth >= state.settings.max_queue_size:
+        raise errors.Overloaded(
+            f"the queue of {model.name} is full", headers={"Retry-After": str(state.settings.retry_after_s)}
+        )
 
 
 async def _read_images(request: Request, limit: int) -> list[bytes]:
@@ -90,20 +143,19 @@ async def _read_images(request: Request, limit: int) -> list[bytes]:
     )
 
 
-async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) -> list[Any]:
-    """Decode + preprocess every image in the thread pool; one bad image fails this request only.
+async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) -> list[Placed]:
+    """Decode + the task's transform for every image in the thread pool; one bad image fails this request."""
+    transform, max_pixels = model.transform, state.settings.max_pixels
 
-    Returns float32 [3, H, W] arrays for a classifier, `Letterboxed` canvases for a detector."""
+    def one(data: bytes) -> Placed:
+        image, full_size = decode_with_size(data, max_pixels, draft_short_side=transform.draft_short_side)
+        return transform.to_canvas(image, full_size)
+
     loop = asyncio.get_running_loop()
-    spec, max_pixels = model.preprocess, state.settings.max_pixels
-
-    def one(data: bytes) -> np.ndarray | Letterboxed:
-        image, full_size = decode_with_size(data, max_pixels, draft_short_side=spec.draft_short_side)
-        return letterbox(image, spec, full_size) if isinstance(spec, Letterbox) else preprocess(image, spec)
-
     results = await asyncio.gather(
         *(loop.run_in_executor(state.preprocess_pool, one, data) for data in blobs), return_exceptions=True
     )
+    placed: list[Placed] = []
     for i, result in enumerate(results):
         where = f"image {i + 1} of {len(blobs)}: " if len(blobs) > 1 else ""
         if isinstance(result, ImageTooLarge):
@@ -112,7 +164,8 @@ async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) 
             raise errors.BadImage(where + str(result))
         if isinstance(result, BaseException):
             raise result
-    return [r for r in results if not isinstance(r, BaseException)]
+        placed.append(result)
+    return placed
 
 
 async def _client_gone(request: Request) -> None:
@@ -125,6 +178,7 @@ async def _infer(
     state: ServiceState, model: ServedModel, samples: list[np.ndarray], request: Request
 ) -> list[np.ndarray]:
     timeout = state.settings.request_timeout_s
+    retry = {"Retry-After": str(state.settings.retry_after_s)}
     tasks = [asyncio.ensure_future(model.batcher.submit(sample, timeout)) for sample in samples]
     results = asyncio.ensure_future(asyncio.gather(*tasks))
     gone = asyncio.ensure_future(_client_gone(request))
@@ -134,9 +188,9 @@ async def _infer(
             raise ClientDisconnect()
         return list(results.result())
     except QueueFull as exc:
-        raise errors.Overloaded(str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
+        raise errors.Overloaded(str(exc), headers=retry) from exc
     except Draining as exc:
-        raise errors.Unavailable(str(exc), headers={"Retry-After": RETRY_AFTER_S}) from exc
+        raise errors.Unavailable(str(exc), headers=retry) from exc
     except DeadlineExceeded as exc:
         raise errors.Timeout(str(exc)) from exc
     except BackendError as exc:
@@ -147,99 +201,10 @@ async def _infer(
             task.cancel()
 
 
-def _model_for(state: ServiceState, task: str) -> ServedModel:
-    if state.draining:
-        raise errors.Unavailable("the server is shutting down", headers={"Retry-After": RETRY_AFTER_S})
-    model = state.by_task(task)
-    if model is None:
-        if state.loading and not state.failed:
-            raise errors.Unavailable("the models are still loading", headers={"Retry-After": RETRY_AFTER_S})
-        raise errors.NotFound(f"no {task} model is loaded on this server")
-    return model
-
-
-def _admit(state: ServiceState, model: ServedModel) -> None:
-    """Refuse before reading or decoding anything when the model's queue is already full."""
-    if model.batcher.queue_depth >= state.settings.max_queue_size:
-        raise errors.Overloaded(f"the queue of {model.name} is full", headers={"Retry-After": RETRY_AFTER_S})
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return np.asarray(exp / exp.sum(axis=-1, keepdims=True))
-
-
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,
-    responses=_ERRORS,
-    openapi_extra=_IMAGE_BODY,
-    summary="Classify one or more images",
-)
-async def classify(
-    request: Request,
-    top_k: Annotated[int, Query(ge=1, description="predictions per image (1..num_classes)")] = 5,
-) -> dict[str, Any]:
-    state = _state(request)
-    model = _model_for(state, "classify")
-    if top_k > len(model.labels):
-        raise errors.InvalidParameter(f"top_k: must be at most the number of classes ({len(model.labels)})")
-    _admit(state, model)
-    blobs = await _read_images(request, state.settings.max_images_per_request)
-    samples = await _prepare(state, model, blobs)
-    outputs = await _infer(state, model, samples, request)
-    results = []
-    for probs in softmax(np.stack(outputs).astype(np.float64)):
-        top = np.argsort(-probs, kind="stable")[:top_k]
-        results.append(
-            {"predictions": [{"class_id": int(i), "label": model.labels[i], "score": float(probs[i])} for i in top]}
-        )
-    return {"model": model.info(), "results": results}
-
-
-@router.post(
-    "/detect",
-    response_model=DetectResponse,
-    responses=_ERRORS,
-    openapi_extra=_IMAGE_BODY,
-    summary="Detect objects in one or more images (needs a detection model)",
-)
-async def detect(
-    request: Request,
-    score_threshold: Annotated[
-        float, Query(ge=0.0, le=1.0, description="keep detections scoring above this (the export's 0.05 at least)")
-    ] = 0.3,
-    max_detections: Annotated[int, Query(ge=1, description="detections per image, at most the export's (100)")] = 100,
-) -> dict[str, Any]:
-    state = _state(request)
-    model = _model_for(state, "detect")
-    settings = model.detection
-    assert settings is not None  # every detect model has its settings (checked at load)
-    if max_detections > settings.max_detections:
-        raise errors.InvalidParameter(f"max_detections: must be at most {settings.max_detections}")
-    _admit(state, model)
-    blobs = await _read_images(request, state.settings.max_images_per_request)
-    boxed: list[Letterboxed] = await _prepare(state, model, blobs)
-    outputs = await _infer(state, model, [b.pixels for b in boxed], request)
-
-    def finish(rows: np.ndarray, image: Letterboxed) -> dict[str, Any]:
-        found = postprocess(
-            rows, settings, image.image_size, image.resized, image.scale, score_threshold, max_detections
-        )
-        return {
-            "detections": [
-                {"class_id": c, "label": model.labels[c], "score": score, "box": [x1, y1, x2, y2]}
-                for x1, y1, x2, y2, score, c in found
-            ],
-            "image_size": list(image.image_size),
-        }
-
-    loop = asyncio.get_running_loop()
-    results = await asyncio.gather(
-        *(loop.run_in_executor(state.preprocess_pool, finish, rows, b) for rows, b in zip(outputs, boxed, strict=True))
-    )
-    return {"model": model.info(), "results": list(results)}
+# -- the routes that are not a task's ----------------------------------------------------------
+_PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": Health, "description": "not live / not ready (the detail says why)"}
+}
 
 
 def _probe(ok: bool, detail: str) -> JSONResponse:
@@ -248,26 +213,48 @@ def _probe(ok: bool, detail: str) -> JSONResponse:
     )
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process and its batch workers are alive")
-@router.get("/v2/health/live", response_model=Health, include_in_schema=False)
-async def healthz(request: Request) -> JSONResponse:
-    return _probe(*_state(request).liveness())
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses=_PROBE_RESPONSES,
+    summary="Liveness: the process and its batch workers are alive, no model failing for long",
+)
+@router.get("/v2/health/live", response_model=Health, responses=_PROBE_RESPONSES, include_in_schema=False)
+async def healthz(state: State) -> JSONResponse:
+    return _probe(*state.liveness())
 
 
-@router.get("/readyz", response_model=Health, summary="Readiness: every model loaded and warmed up, not draining")
-@router.get("/v2/health/ready", response_model=Health, include_in_schema=False)
-async def readyz(request: Request) -> JSONResponse:
-    return _probe(*_state(request).readiness())
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses=_PROBE_RESPONSES,
+    summary="Readiness: every model loaded, warmed up and not failing; not draining",
+)
+@router.get("/v2/health/ready", response_model=Health, responses=_PROBE_RESPONSES, include_in_schema=False)
+async def readyz(state: State) -> JSONResponse:
+    return _probe(*state.readiness())
 
 
 @router.get("/v1/models", response_model=ModelsResponse, summary="The loaded models and their manifest facts")
-async def models(request: Request) -> dict[str, Any]:
-    state = _state(request)
+async def models(state: State) -> dict[str, Any]:
     return {
-        "models": [{**m.info(), "ready": m.ready, "warmup_seconds": m.warmup_seconds} for m in state.models.values()]
+        "models": [
+            {
+                **m.info(),
+                "ready": m.health.readiness()[0],
+                "status": m.health.phase.value,
+                "warmup_seconds": m.warmup_seconds,
+            }
+            for m in state.models.values()
+        ]
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

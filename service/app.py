@@ -2,19 +2,20 @@
 
 Models are checked when the app is created (a bad folder fails at once), then
 loaded and warmed up in the background after start-up, so `/healthz` answers
-and `/readyz` says 503 ("loading") meanwhile.
+and `/readyz` says 503 ("loading") meanwhile. On shutdown each model drains its
+queue within the drain budget and closes its backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,105 +27,61 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
+from service.api import router as common_routes
+from service.health import ModelHealth
 from service.logs import request_id_var
 from service.metrics import Metrics
-from service.models import ModelLoadError, ServedModel, check_manifest, load_model, warm_up
+from service.models import (
+    BackendLoader,
+    ModelFolder,
+    ModelLoadError,
+    ServedModel,
+    check_model_folder,
+    health_policy,
+)
 from service.settings import Settings
+from service.state import ServiceState
+from service.tasks import TASKS
 
 log = logging.getLogger("focal.service")
-FAILING_AFTER_BATCHES = 3  # this many failed batches in a row: not ready (an unrecoverable backend error)
 
 
-@dataclass
-class ServiceState:
-    """Everything the routes need, on `app.state.service`."""
-
-    settings: Settings
-    metrics: Metrics
-    preprocess_pool: ThreadPoolExecutor
-    models: dict[str, ServedModel] = field(default_factory=dict)
-    loading: bool = True
-    failed: str | None = None
-    draining: bool = False
-    drain_deadline: float | None = None
-
-    def begin_draining(self) -> None:
-        if not self.draining:
-            self.draining = True
-            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-            log.info("shutdown requested: readiness is now false; finishing queued work")
-
-    def by_task(self, task: str) -> ServedModel | None:
-        return next((m for m in self.models.values() if m.task == task), None)
-
-    def readiness(self) -> tuple[bool, str]:
-        if self.draining:
-            return False, "draining"
-        if self.failed:
-            return False, f"failed: {self.failed}"
-        if self.loading:
-            return False, "loading"
-        dead = [m.name for m in self.models.values() if not m.batcher.alive]
-        if dead:
-            return False, f"batch worker stopped: {', '.join(dead)}"
-        failing = [m.name for m in self.models.values() if m.batcher.consecutive_failures >= FAILING_AFTER_BATCHES]
-        if failing:
-            return False, f"backend failing (the last {FAILING_AFTER_BATCHES}+ batches failed): {', '.join(failing)}"
-        return True, "ready"
-
-    def liveness(self) -> tuple[bool, str]:
-        if self.failed:
-            return False, f"failed: {self.failed}"
-        if not self.loading and not self.draining:
-            dead = [m.name for m in self.models.values() if not m.batcher.alive]
-            if dead:
-                return False, f"batch worker stopped: {', '.join(dead)}"
-            stuck_after = 2 * self.settings.request_timeout_s
-            stuck = [m.name for m in self.models.values() if m.batcher.busy_for() > stuck_after]
-            if stuck:
-                return False, f"a batch has run for over {stuck_after:g} s (backend stuck): {', '.join(stuck)}"
-        return True, "alive"
-
-    def drain_remaining(self) -> float:
-        """Seconds left of the one drain budget shared by uvicorn's shutdown and the batchers."""
-        if self.drain_deadline is None:
-            return self.settings.drain_timeout_s
-        return max(0.0, self.drain_deadline - time.monotonic())
-
-
-def check_model_folders(folders: list[Path]) -> None:
+def check_model_folders(folders: list[Path]) -> list[ModelFolder]:
     """Fail fast on folders that cannot be served (before anything is loaded)."""
     if not folders:
         raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
-    tasks: dict[str, Path] = {}
+    checked: list[ModelFolder] = []
     for folder in folders:
-        manifest, _ = check_manifest(folder)
-        task = str(manifest["task"])
-        if task in tasks:
-            raise ModelLoadError(f"{folder} and {tasks[task]} both serve task {task!r}; give one model per task")
-        tasks[task] = folder
+        model = check_model_folder(folder)
+        same = [c.folder for c in checked if c.manifest.task == model.manifest.task]
+        if same:
+            raise ModelLoadError(f"{folder} and {same[0]} both serve task {model.manifest.task!r}; give one per task")
+        checked.append(model)
+    return checked
 
 
-def create_app(settings: Settings) -> FastAPI:
-    check_model_folders(settings.models)
+def create_app(settings: Settings, backends: BackendLoader | None = None) -> FastAPI:
+    """The app for these settings. `backends` builds each model's backend (default: what the settings
+    and the machine call for); tests pass fakes here."""
     state = ServiceState(
         settings=settings,
         metrics=Metrics(),
         preprocess_pool=ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
+        planned=check_model_folders(settings.models),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load_models(state), name="load-models")
+        loader = asyncio.create_task(_load_models(state, backends), name="load-models")
         try:
             yield
         finally:
             state.begin_draining()
             loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
             for model in state.models.values():
-                if not await model.batcher.drain(state.drain_remaining()):
-                    log.warning("%s: queued work not finished within the drain timeout", model.name)
-                await model.batcher.stop()
+                await model.close(state.drain_remaining())
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
@@ -137,45 +94,44 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = state
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes)
     _add_error_handlers(app)
-    from service.api import router
-
-    app.include_router(router)
+    app.include_router(common_routes)
+    for task in TASKS.values():
+        app.include_router(task.router)
     return app
 
 
-async def _load_models(state: ServiceState) -> None:
+async def _load_models(state: ServiceState, backends: BackendLoader | None) -> None:
+    """Load and warm up every model in turn; a failure leaves the server failed (not ready, not live)."""
     loop = asyncio.get_running_loop()
-    try:
-        for folder in state.settings.models:
-            model = await loop.run_in_executor(None, load_model, folder, state.settings, state.metrics)
-            model.batcher.start()
-            await warm_up(model)
-            model.ready = True
-            state.models[model.name] = model
-            info = model.info()
-            state.metrics.model_info.labels(
-                model.name,
-                info["variant"],
-                info["task"],
-                info["backend"],
-                info["device"],
-                info["precision"],
-                info["weights"],
-            ).set(1)
-            log.info(
-                "serving %s from %s",
-                model.name,
-                folder,
-                extra={"fields": {"backend": info["backend"], "device": info["device"], "weights": info["weights"]}},
+    for planned in state.planned:
+        health = ModelHealth(health_policy(state.settings))
+        try:
+            model = await loop.run_in_executor(
+                None, ServedModel.load, planned, state.settings, state.metrics, health, backends
             )
-            if model.random_init:
-                log.warning("%s has RANDOM-INIT weights: its predictions are meaningless", model.name)
-        state.loading = False
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        state.failed = f"{type(exc).__name__}: {exc}"
-        log.error("loading the models failed: %s", state.failed)
+            state.models[model.name] = model
+            await model.warm_up()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            health.failed(f"{type(exc).__name__}: {exc}")
+            state.failed = f"{planned.name}: {type(exc).__name__}: {exc}"
+            log.error("loading %s from %s failed: %s", planned.name, planned.folder, state.failed)
+            return
+        info = model.info()
+        state.metrics.model_info.labels(
+            model.name, info["variant"], info["task"], info["backend"], info["device"], info["precision"],
+            info["weights"],
+        ).set(1)  # fmt: skip
+        log.info(
+            "serving %s from %s",
+            model.name,
+            planned.folder,
+            extra={"fields": {"backend": info["backend"], "device": info["device"], "weights": info["weights"]}},
+        )
+        if model.random_init:
+            log.warning("%s has RANDOM-INIT weights: its predictions are meaningless", model.name)
+    state.loading = False
 
 
 class RequestContextMiddleware:
@@ -194,6 +150,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         start, status = time.perf_counter(), 500
         limit = self.max_body_bytes
+        has_body = scope["method"] in BODY_METHODS  # the other routes never read a body
         received = 0
 
         async def limited_receive() -> Message:
@@ -214,7 +171,7 @@ class RequestContextMiddleware:
 
         try:
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:  # refused before reading a byte of it
+            if has_body and length.isdigit() and int(length) > limit:  # refused before reading a byte of it
                 error = errors.PayloadTooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
                 await JSONResponse(error.body(request_id), status_code=error.status)(scope, receive, send_with_id)
             else:
@@ -275,4 +232,5 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 _HTTP_CODES: dict[int, Any] = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
-KNOWN_PATHS = frozenset({"/classify", "/detect"})
+KNOWN_PATHS = frozenset(task.path for task in TASKS.values())  # metric labels for answers given before routing
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

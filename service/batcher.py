@@ -48,7 +48,8 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
 
-    def batch_done(self, size: int, queue_waits: list[float], seconds: float, ok: bool) -> None: ...
+    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
+        """A batch ran; `error` says why it failed (None: it succeeded)."""
 
     def dropped(self, reason: str) -> None: ...
 
@@ -57,7 +58,7 @@ class _NullObserver:
     def queue_depth(self, depth: int) -> None:
         pass
 
-    def batch_done(self, size: int, queue_waits: list[float], seconds: float, ok: bool) -> None:
+    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
         pass
 
     def dropped(self, reason: str) -> None:
@@ -97,7 +98,7 @@ class DynamicBatcher:
         self._forming: list[_Item] = []  # taken from the queue, batch not yet complete
         self.in_flight = 0
         self.batch_started: float | None = None  # monotonic time the running batch started
-        self.consecutive_failures = 0
+        self.backend_running = False  # a backend call is running in the worker thread (even after a cancel)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,6 +161,14 @@ class DynamicBatcher:
             raise DeadlineExceeded(f"no result within the request timeout of {timeout_s:g} s") from None
 
     # -- worker ------------------------------------------------------------------------------
+    def _run(self, inputs: np.ndarray) -> np.ndarray:
+        """In the worker thread."""
+        self.backend_running = True
+        try:
+            return self.run_batch(inputs)
+        finally:
+            self.backend_running = False
+
     async def _next_batch(self) -> list[_Item]:
         batch = self._forming = [await self._queue.get()]  # visible to drain()/stop() while it forms
         window_end = time.monotonic() + self.max_queue_delay_s
@@ -198,28 +207,27 @@ class DynamicBatcher:
             self.in_flight = len(batch)
             start = self.batch_started = time.monotonic()
             waits = [start - item.enqueued for item in batch]
-            ok = False
+            failure: str | None = "cancelled"
             try:
                 inputs = np.stack([item.sample for item in batch])
-                outputs = await loop.run_in_executor(self._executor, self.run_batch, inputs)
+                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
                 if len(outputs) != len(batch):
                     raise BackendError(f"the backend returned {len(outputs)} outputs for {len(batch)} inputs")
                 for item, output in zip(batch, outputs, strict=True):
                     if not item.future.done():
                         item.future.set_result(output)
-                ok = True
-                self.consecutive_failures = 0
+                failure = None
             except asyncio.CancelledError:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(Draining("the server is shutting down"))
                 raise
             except Exception as exc:  # one failed batch fails its own requests only
-                self.consecutive_failures += 1
                 error = exc if isinstance(exc, BackendError) else BackendError(f"{type(exc).__name__}: {exc}")
+                failure = str(error)
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
             finally:
                 self.in_flight, self.batch_started = 0, None
-                self.observer.batch_done(len(batch), waits, time.monotonic() - start, ok)
+                self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure)

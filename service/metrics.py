@@ -43,6 +43,9 @@ class Metrics:
         self.dropped = Counter(
             "focal_dropped_images", "queued images dropped before running", ["model", "reason"], registry=r
         )
+        self.probes = Counter(
+            "focal_health_probes", "synthetic batches run to recover a failing model", ["model", "outcome"], registry=r
+        )
         self.model_info = Gauge(
             "focal_model_info",
             "the loaded models (value 1)",
@@ -63,10 +66,10 @@ class ModelObserver:
     def queue_depth(self, depth: int) -> None:
         self.m.queue_depth.labels(self.model).set(depth)
 
-    def batch_done(self, size: int, queue_waits: list[float], seconds: float, ok: bool) -> None:
+    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
         self.m.batch_size.labels(self.model).observe(size)
         self.m.batch_seconds.labels(self.model).observe(seconds)
-        self.m.batches.labels(self.model, "ok" if ok else "error").inc()
+        self.m.batches.labels(self.model, "ok" if error is None else "error").inc()
         self.m.batch_images.labels(self.model).inc(size)
         for wait in queue_waits:
             self.m.queue_seconds.labels(self.model).observe(wait)

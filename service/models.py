@@ -1,135 +1,214 @@
-"""A served model: its manifest, labels, preprocessing, backend and batcher."""
+"""A served model and its lifecycle: load, warm up, serve, probe while failing, close.
+
+`check_model_folder` reads and checks an export folder cheaply (at start-up, before
+anything loads); `ServedModel.load` builds its backend, batcher and transform;
+`warm_up` runs the batch sizes the batcher will use; when the model's health turns
+*failing* (`service.health`) it probes itself with synthetic batches, with backoff,
+until a batch succeeds; `close` drains its queue and frees the backend.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from manifest import Manifest, ManifestError, read_manifest
 from service.backends import Backend, load_backend
-from service.batcher import DynamicBatcher
-from service.detection import DetectionSettings
-from service.images import Letterbox, Preprocess, preprocess_spec
-from service.metrics import Metrics
+from service.batcher import BackendError, DeadlineExceeded, Draining, DynamicBatcher, QueueFull
+from service.health import HealthPolicy, ModelHealth, Phase
+from service.metrics import Metrics, ModelObserver
 from service.settings import Settings
+from service.tasks import TASKS, ServiceTask, Transform
 
 log = logging.getLogger("focal.service")
-
-# Default wait for more images after the first, on GPU backends (where a bigger batch costs
-# little more than a small one). On the CPU it is 0: see Settings.max_queue_delay_ms.
-GPU_QUEUE_DELAY_MS = 5.0
-SERVABLE_TASKS = ("classify", "detect")
 
 
 class ModelLoadError(Exception):
     """An export folder cannot be served (the message says why)."""
 
 
-@dataclass
-class ServedModel:
-    name: str
+@dataclass(frozen=True)
+class ModelFolder:
+    """An export folder that passed the start-up checks."""
+
     folder: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     labels: list[str]
-    preprocess: Preprocess | Letterbox
-    backend: Backend
-    batcher: DynamicBatcher
-    detection: DetectionSettings | None  # detect exports: the test settings NMS runs with
-    ready: bool = False
-    warmup_seconds: float | None = None
-    failed: str | None = field(default=None)
 
     @property
-    def task(self) -> str:
-        return str(self.manifest["task"])
+    def name(self) -> str:
+        return f"{self.manifest.variant}-{self.manifest.task}"
+
+
+def check_model_folder(folder: Path) -> ModelFolder:
+    """The folder's manifest and labels, if it can be served; otherwise `ModelLoadError` saying why.
+
+    Cheap (no hashing): run at start-up for every folder, before anything is loaded."""
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError as exc:
+        raise ModelLoadError(str(exc)) from None
+    for name in (*manifest.onnx_names, manifest.labels):
+        if not (folder / name).is_file():
+            raise ModelLoadError(f"{folder}: {name} is missing")
+    labels = (folder / manifest.labels).read_text().splitlines()
+    if len(labels) != manifest.num_classes:
+        raise ModelLoadError(f"{folder}: {len(labels)} labels for {manifest.num_classes} classes")
+    return ModelFolder(folder, manifest, labels)
+
+
+BackendLoader = Callable[[ModelFolder, Settings], Backend]
+
+
+def default_backend(checked: ModelFolder, settings: Settings) -> Backend:
+    """The backend the settings and the machine call for (`service.backends.load_backend`)."""
+    return load_backend(checked.folder, checked.manifest, settings.backend, settings.intra_op_threads)
+
+
+class _BatchEvents:
+    """What the batcher reports goes to the metrics and to the model's health."""
+
+    def __init__(self, metrics: ModelObserver, model: ServedModel) -> None:
+        self.metrics, self.model = metrics, model
+
+    def queue_depth(self, depth: int) -> None:
+        self.metrics.queue_depth(depth)
+
+    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
+        self.metrics.batch_done(size, queue_waits, seconds, error)
+        self.model.batch_done(error)
+
+    def dropped(self, reason: str) -> None:
+        self.metrics.dropped(reason)
+
+
+class ServedModel:
+    def __init__(
+        self, checked: ModelFolder, backend: Backend, settings: Settings, metrics: Metrics, health: ModelHealth
+    ) -> None:
+        self.name, self.folder = checked.name, checked.folder
+        self.manifest, self.labels = checked.manifest, checked.labels
+        self.task: ServiceTask = TASKS[checked.manifest.task]
+        self.transform: Transform = self.task.transform(checked.manifest)
+        self.backend, self.settings, self.metrics, self.health = backend, settings, metrics, health
+        self.batcher = DynamicBatcher(
+            backend.infer,
+            max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
+            max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
+            max_queue_size=settings.max_queue_size,
+            observer=_BatchEvents(metrics.observer(self.name), self),
+            name=self.name,
+        )
+        self.warmup_seconds: float | None = None
+        self._probing: asyncio.Task[None] | None = None
+
+    @classmethod
+    def load(
+        cls,
+        checked: ModelFolder,
+        settings: Settings,
+        metrics: Metrics,
+        health: ModelHealth,
+        backends: BackendLoader | None = None,
+    ) -> ServedModel:
+        """Build the backend (slow: run it off the event loop)."""
+        return cls(checked, (backends or default_backend)(checked, settings), settings, metrics, health)
 
     @property
     def random_init(self) -> bool:
-        return bool(self.manifest.get("random_init"))
+        return self.manifest.random_init
 
     def info(self) -> dict[str, Any]:
         """What /v1/models and every response say about the model."""
         m = self.manifest
         return {
             "name": self.name,
-            "variant": m["variant"],
-            "task": m["task"],
-            "input_size": m["input_size"],
-            "num_classes": m["num_classes"],
+            "variant": m.variant,
+            "task": m.task,
+            "input_size": list(m.input_size),
+            "num_classes": m.num_classes,
             "precision": self.backend.precision,  # what runs (an fp16 export runs its fp32 graph on a CPU)
             "backend": self.backend.name,
             "device": self.backend.device,
             "max_batch_size": self.batcher.max_batch_size,
             "max_queue_delay_ms": self.batcher.max_queue_delay_s * 1000,
-            "batch": m["batch"],
-            "weights": m["weights"].get("source"),
-            "weights_sha256": m["weights"].get("sha256"),
-            "weights_role": m.get("weights_role", "classifier" if m["task"] == "classify" else "detector"),
-            "random_init": self.random_init,
+            "batch": m.batch.model_dump(),
+            "weights": m.weights.source,
+            "weights_sha256": m.weights.sha256,
+            "weights_role": m.weights_role,
+            "random_init": m.random_init,
         }
 
+    def synthetic_batch(self, size: int) -> np.ndarray:
+        """Zeros in the input's shape: the mean image after normalisation (warm-up and probes)."""
+        return np.zeros((size, *self.manifest.input.sample_shape), dtype=np.float32)
 
-def check_manifest(folder: Path) -> tuple[dict[str, Any], list[str]]:
-    """The folder's manifest and labels, if it can be served; otherwise `ModelLoadError` saying why.
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def warm_up(self) -> None:
+        """Run the batch sizes the batcher will produce most (1, the profile's opt, the max) once each."""
+        self.health.warming_up()
+        top = self.batcher.max_batch_size
+        sizes = sorted({1, min(self.manifest.batch.opt, top), top})
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        for size in sizes:
+            await loop.run_in_executor(None, self.backend.infer, self.synthetic_batch(size))
+        self.warmup_seconds = time.perf_counter() - start
+        self.batcher.start()
+        self.health.warmed_up()
+        log.info("warmed up %s at batch sizes %s in %.1f s", self.name, sizes, self.warmup_seconds)
 
-    Cheap (no hashing): run at start-up for every folder, before anything is loaded."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise ModelLoadError(f"{folder}: no readable {MANIFEST_NAME} (is it a python -m export output folder?)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{folder}: manifest format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    task = manifest.get("task")
-    if task not in SERVABLE_TASKS:
-        raise ModelLoadError(f"{folder}: task {task!r} cannot be served (only {', '.join(SERVABLE_TASKS)})")
-    if task == "detect" and (
-        manifest.get("preprocess", {}).get("resize") != "letterbox" or "detection" not in manifest
-    ):
-        raise ModelLoadError(f"{folder}: a detect manifest needs a letterbox preprocess and a detection block")
-    for key in ("onnx", "onnx_fp32", "labels"):
-        if not (folder / str(manifest.get(key))).is_file():
-            raise ModelLoadError(f"{folder}: {manifest.get(key)} ({key}) is missing")
-    labels = (folder / manifest["labels"]).read_text().splitlines()
-    if len(labels) != manifest["num_classes"]:
-        raise ModelLoadError(f"{folder}: {len(labels)} labels for {manifest['num_classes']} classes")
-    return manifest, labels
+    def batch_done(self, error: str | None) -> None:
+        if self.health.batch_done(error):
+            log.error(
+                "%s: %d batches in a row failed (%s): not ready; probing to recover",
+                self.name,
+                self.health.consecutive_failures,
+                error,
+            )
+            self._probing = asyncio.get_running_loop().create_task(self._probe(), name=f"probe-{self.name}")
+
+    async def _probe(self) -> None:
+        """Synthetic batches through the batcher, at doubling waits, until one succeeds."""
+        wait = self.settings.probe_backoff_s
+        while self.health.phase is Phase.FAILING:
+            await asyncio.sleep(wait)
+            if self.health.phase is not Phase.FAILING:
+                break  # a request's batch succeeded meanwhile
+            try:
+                await self.batcher.submit(self.synthetic_batch(1)[0], self.settings.request_timeout_s)
+            except Draining:
+                return
+            except (BackendError, DeadlineExceeded, QueueFull) as exc:
+                self.metrics.probes.labels(self.name, "failed").inc()
+                wait = min(2 * wait, self.settings.probe_backoff_max_s)
+                log.warning("%s: probe failed (%s); next in %g s", self.name, exc, wait)
+                continue
+            self.metrics.probes.labels(self.name, "recovered").inc()
+        log.info("%s recovered: ready again", self.name)
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Finish queued work (up to the timeout), stop the batcher and free the backend."""
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+        if not await self.batcher.drain(drain_timeout_s):
+            log.warning("%s: queued work not finished within the drain timeout", self.name)
+        await self.batcher.stop()
+        if self.batcher.backend_running:  # a stuck backend call still uses it: freeing it now could crash
+            log.warning("%s: a batch is still running; its backend is left to the process exit", self.name)
+        else:
+            self.backend.close()
 
 
-def load_model(folder: Path, settings: Settings, metrics: Metrics) -> ServedModel:
-    manifest, labels = check_manifest(folder)
-    backend = load_backend(folder, manifest, settings.backend, settings.intra_op_threads)
-    name = f"{manifest['variant']}-{manifest['task']}"
-    max_batch = min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size)
-    delay_ms = settings.max_queue_delay_ms
-    if delay_ms is None:
-        delay_ms = 0.0 if backend.device == "cpu" else GPU_QUEUE_DELAY_MS
-    batcher = DynamicBatcher(
-        backend.infer,
-        max_batch_size=max_batch,
-        max_queue_delay_s=delay_ms / 1000,
-        max_queue_size=settings.max_queue_size,
-        observer=metrics.observer(name),
-        name=name,
-    )
-    detection = DetectionSettings.from_manifest(manifest["detection"]) if manifest["task"] == "detect" else None
-    spec = preprocess_spec(manifest["preprocess"])
-    return ServedModel(name, folder, manifest, labels, spec, backend, batcher, detection)
-
-
-async def warm_up(model: ServedModel) -> None:
-    """Run the batch sizes the batcher will produce most (1, the profile's opt, the max) once each."""
-    h, w = model.manifest["input_size"]
-    sizes = sorted(
-        {1, min(int(model.manifest["batch"]["opt"]), model.batcher.max_batch_size), model.batcher.max_batch_size}
-    )
-    start = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    for size in sizes:
-        await loop.run_in_executor(None, model.backend.infer, np.zeros((size, 3, h, w), dtype=np.float32))
-    model.warmup_seconds = time.perf_counter() - start
-    log.info("warmed up %s at batch sizes %s in %.1f s", model.name, sizes, model.warmup_seconds)
+def health_policy(settings: Settings) -> HealthPolicy:
+    return HealthPolicy(settings.failing_after_batches, settings.unhealthy_after_s, settings.stuck_batch_s)

@@ -1,4 +1,5 @@
-"""Response schemas (they make the OpenAPI document at /docs)."""
+"""Response schemas every route shares (they make the OpenAPI document at /docs); each task's
+own response schema lives with the task (`service.tasks`)."""
 
 from __future__ import annotations
 
@@ -25,40 +26,9 @@ class ModelInfo(BaseModel):
     random_init: bool = Field(description="true when any part of the model is untrained")
 
 
-class Prediction(BaseModel):
-    class_id: int
-    label: str
-    score: float = Field(description="softmax probability")
-
-
-class ClassifyResult(BaseModel):
-    predictions: list[Prediction]
-
-
-class ClassifyResponse(BaseModel):
-    model: ModelInfo
-    results: list[ClassifyResult] = Field(description="one result per image, in request order")
-
-
-class Detection(BaseModel):
-    class_id: int
-    label: str
-    score: float = Field(description="sigmoid class probability")
-    box: list[float] = Field(description="[x1, y1, x2, y2] in the original image's pixels (after EXIF rotation)")
-
-
-class DetectResult(BaseModel):
-    detections: list[Detection] = Field(description="best first, after class-aware NMS")
-    image_size: list[int] = Field(description="[width, height] of the image the boxes refer to")
-
-
-class DetectResponse(BaseModel):
-    model: ModelInfo
-    results: list[DetectResult] = Field(description="one result per image, in request order")
-
-
 class ModelStatus(ModelInfo):
     ready: bool
+    status: str = Field(description="'loading', 'warming up', 'ready', 'failing' (probing to recover) or 'failed'")
     warmup_seconds: float | None
 
 

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendChoice = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+GPU_QUEUE_DELAY_MS = 5.0  # the default wait on GPUs, where a bigger batch costs little more than a small one
 
 
 class Settings(BaseSettings):
@@ -26,8 +27,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float | None = Field(
         None,
         ge=0,
-        description="wait after the first queued image for more; default 5 on GPUs, 0 on the CPU (where a "
-        "batch of 8 takes 8x a batch of 1, so waiting only adds latency; under load batches still form)",
+        description=f"wait after the first queued image for more; default {GPU_QUEUE_DELAY_MS:g} on GPUs, 0 on the "
+        "CPU (where a batch of 8 takes 8x a batch of 1, so waiting only adds latency; under load batches still form)",
     )
     max_queue_size: int = Field(256, ge=1, description="images waiting per model; more are refused with 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a queued image older than this gets 504")
@@ -39,7 +40,28 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         25.0, ge=0, description="on SIGTERM, time allowed for queued work (below Kubernetes' default 30 s grace)"
     )
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header of 429 and 503 answers")
+    # Health (service/health.py): readiness, recovery probes, liveness.
+    failing_after_batches: int = Field(
+        3, ge=1, description="this many failed batches in a row make a model failing: readiness turns false"
+    )
+    probe_backoff_s: float = Field(
+        1.0, gt=0, description="a failing model is probed with a synthetic batch after this, then at doubling waits"
+    )
+    probe_backoff_max_s: float = Field(30.0, gt=0, description="the longest wait between two probes")
+    unhealthy_after_s: float = Field(
+        60.0, gt=0, description="a model failing for this long (probes included) turns liveness false: a restart"
+    )
+    stuck_batch_s: float = Field(
+        60.0, gt=0, description="a batch running for longer than this means a stuck backend: liveness turns false"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def queue_delay_ms(self, device: str) -> float:
+        """The batcher's wait window on this device: the setting, else the device's default."""
+        if self.max_queue_delay_ms is not None:
+            return self.max_queue_delay_ms
+        return 0.0 if device == "cpu" else GPU_QUEUE_DELAY_MS
 
     @field_validator("models", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ import yaml
 
 from service.metrics import QUEUE_DEPTH_METRIC
 from service.settings import Settings
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 BIN = Path(sys.executable).parent
 K8S = ROOT / "k8s"

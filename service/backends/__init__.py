@@ -1,21 +1,26 @@
 """Backends run one batch of preprocessed images: `infer(float32 [N, 3, H, W]) -> float32 [N, ...]`.
 
 The output is the export's one output: logits [N, classes] for a classifier,
-candidate rows [N, K, 6] for a detector (see `service.detection`).
+candidate rows [N, K, 6] for a detector (see `service.tasks`). `close()` frees
+what the backend holds (sessions, device and pinned buffers); after it, `infer`
+must not be called.
 
 `load_backend` picks one from the manifest and the machine (or the `backend`
 setting): the TensorRT engine when it exists and matches this GPU and TensorRT
 version, else onnxruntime (CUDA provider when it really is active, else CPU).
-PyTorch is a reference backend that rebuilds the model from the manifest.
+PyTorch is a reference backend that rebuilds the model from the manifest (it
+needs the `torch` extra; the other two never import torch, `focal` or `export`).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from manifest import Manifest
 
 log = logging.getLogger("focal.service")
 
@@ -32,9 +37,11 @@ class Backend(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def close(self) -> None: ...
 
-def load_backend(folder: Path, manifest: dict[str, Any], choice: str, intra_op_threads: int = 0) -> Backend:
-    if choice in ("auto", "tensorrt") and manifest.get("engine"):
+
+def load_backend(folder: Path, manifest: Manifest, choice: str, intra_op_threads: int = 0) -> Backend:
+    if choice in ("auto", "tensorrt") and manifest.engine is not None:
         try:
             from service.backends.tensorrt_backend import TensorRTBackend
 
@@ -44,9 +51,7 @@ def load_backend(folder: Path, manifest: dict[str, Any], choice: str, intra_op_t
                 raise
             log.warning("TensorRT engine not used, falling back to onnxruntime: %s", exc)
     elif choice == "tensorrt":
-        raise BackendUnavailable(
-            f"{folder}: the export has no TensorRT engine ({manifest.get('engine_skipped_reason')})"
-        )
+        raise BackendUnavailable(f"{folder}: the export has no TensorRT engine ({manifest.engine_skipped_reason})")
     if choice == "torch":
         from service.backends.torch_backend import TorchBackend
 

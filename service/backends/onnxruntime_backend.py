@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from export.weights import sha256_file
+from manifest import Manifest, sha256_file
 from service.backends import BackendUnavailable
 
 log = logging.getLogger("focal.service")
@@ -20,26 +19,27 @@ CPU = "CPUExecutionProvider"
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], intra_op_threads: int = 0) -> None:
-        self.max_batch_size = int(manifest["batch"]["max"])
+    def __init__(self, folder: Path, manifest: Manifest, intra_op_threads: int = 0) -> None:
+        self.max_batch_size = manifest.batch.max
         self._folder, self._manifest, self._threads = folder, manifest, intra_op_threads
         if CUDA in ort.get_available_providers():
-            self.session, self.onnx = self._open(manifest["onnx"], [CUDA, CPU])
-            if self.session.get_providers()[0] != CUDA:  # onnxruntime falls back to the CPU silently
+            session, self.onnx = self._open(manifest.onnx, [CUDA, CPU])
+            if session.get_providers()[0] != CUDA:  # onnxruntime falls back to the CPU silently
                 log.warning("the CUDA provider did not start (CUDA libraries missing?): onnxruntime runs on the CPU")
-                self.session, self.onnx = self._open(manifest["onnx_fp32"], [CPU])
+                session, self.onnx = self._open(manifest.onnx_fp32, [CPU])
         else:
             # The fp16 graph is for GPUs; on the CPU onnxruntime would run it through casts, slowly.
-            self.session, self.onnx = self._open(manifest["onnx_fp32"], [CPU])
-        self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
-        self.precision = "fp32" if self.onnx == manifest["onnx_fp32"] else str(manifest["precision"])
-        self.input_name = self.session.get_inputs()[0].name
+            session, self.onnx = self._open(manifest.onnx_fp32, [CPU])
+        self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+        self.precision: str = "fp32" if self.onnx == manifest.onnx_fp32 else manifest.precision
+        self.input_name = session.get_inputs()[0].name
+        self.session: ort.InferenceSession | None = session
 
     def _open(self, onnx_name: str, providers: list[str]) -> tuple[ort.InferenceSession, str]:
         path = self._folder / onnx_name
         if not path.is_file():
             raise BackendUnavailable(f"{path}: missing")
-        expected = self._manifest.get("sha256", {}).get(onnx_name)
+        expected = self._manifest.sha256.get(onnx_name)
         if expected and sha256_file(path) != expected:
             raise BackendUnavailable(f"{path}: sha256 differs from the manifest (damaged or replaced file)")
         options = ort.SessionOptions()
@@ -50,4 +50,9 @@ class OnnxRuntimeBackend:
         return ort.InferenceSession(str(path), options, providers=providers), onnx_name
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeError("the onnxruntime backend is closed")
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the session's memory with the object

@@ -1,4 +1,4 @@
-"""Focal-RetinaNet: anchors, candidate selection and decoding, NMS, mmdetection checkpoints.
+"""Focal-RetinaNet: anchors, candidate selection and decoding, mmdetection checkpoints.
 
 Every check compares against a plain, loop-based reference written here from
 mmdetection's definitions, not against the code under test.
@@ -24,24 +24,9 @@ from focal.detection import (
     load_backbone_weights,
     load_detection_checkpoint,
 )
-from service.detection import DetectionSettings, nms, postprocess
+from tests.support import reference_anchors
 
 CANVAS = (128, 192)
-
-
-def reference_anchors(size: tuple[int, int], stride: int) -> np.ndarray:
-    """mmdetection's AnchorGenerator, written out: cells row-major, 3 ratios x 3 octave scales per cell."""
-    boxes = []
-    for i in range(size[0]):
-        for j in range(size[1]):
-            for ratio in (0.5, 1.0, 2.0):
-                for octave in range(3):
-                    scale = 4 * 2 ** (octave / 3)
-                    w = stride * scale / math.sqrt(ratio)
-                    h = stride * scale * math.sqrt(ratio)
-                    cx, cy = j * stride, i * stride
-                    boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-    return np.asarray(boxes)
 
 
 def test_anchors_follow_mmdetection() -> None:
@@ -100,82 +85,6 @@ def test_selection_and_decoding_match_a_plain_reference() -> None:
     ).numpy()
     half_w = 16 * math.exp(0.1)
     np.testing.assert_allclose(decoded, [[32 - half_w, 0, 32 + half_w, CANVAS[0]]], rtol=1e-12)
-
-
-def reference_nms(
-    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, max_detections: int
-) -> list[int]:
-    """Per class: sort by score (ties: row order), keep a box unless a kept one overlaps it by IoU > threshold;
-    then all classes together by score (ties: row order), the first max_detections."""
-
-    def iou(a: np.ndarray, b: np.ndarray) -> float:
-        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-        inter = iw * ih
-        union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
-        return inter / union if union > 0 else 0.0
-
-    kept: list[int] = []
-    for c in sorted(set(classes.tolist())):
-        members = sorted((i for i in range(len(boxes)) if classes[i] == c), key=lambda i: (-scores[i], i))
-        chosen: list[int] = []
-        for i in members:
-            if all(iou(boxes[i], boxes[j]) <= iou_threshold for j in chosen):
-                chosen.append(i)
-        kept.extend(chosen)
-    return sorted(kept, key=lambda i: (-scores[i], i))[:max_detections]
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_nms_matches_the_reference_with_ties_and_degenerate_boxes(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 300))
-    xy = rng.uniform(0, 100, (n, 2))
-    wh = rng.uniform(0, 40, (n, 2))
-    wh[rng.random(n) < 0.1] = 0  # points
-    wh[rng.random(n) < 0.05, 0] = 0  # zero-width lines
-    boxes = np.concatenate([xy, xy + wh], axis=1)
-    dupes = rng.random(n) < 0.1  # exact duplicates of another box
-    boxes[dupes] = boxes[rng.integers(0, n, int(dupes.sum()))]
-    scores = np.round(rng.random(n), 1)  # few distinct values: many ties
-    classes = rng.integers(0, 4, n).astype(np.float32)
-    threshold, limit = float(rng.choice([0.0, 0.3, 0.5, 0.7])), int(rng.choice([5, 100]))
-    got = nms(boxes, scores, classes, threshold, limit).tolist()
-    assert got == reference_nms(boxes, scores, classes, threshold, limit)
-
-
-def test_nms_edge_cases() -> None:
-    empty = np.zeros((0, 4))
-    assert nms(empty, np.zeros(0), np.zeros(0), 0.5, 100).tolist() == []
-    same = np.asarray([[0, 0, 10, 10]] * 3, dtype=np.float64)
-    # Identical boxes: one survives per class; equal scores keep the first row.
-    assert nms(same, np.asarray([0.5, 0.5, 0.5]), np.asarray([0, 1, 0]), 0.5, 100).tolist() == [0, 1]
-    # A NaN class (a broken backend) is its own class rather than a crash.
-    assert nms(same, np.asarray([0.5, 0.4, 0.3]), np.asarray([np.nan, 0, np.nan]), 0.5, 100).tolist()[:2] == [0, 1]
-    # IoU exactly at the threshold is kept (suppression needs IoU > threshold).
-    half = np.asarray([[0, 0, 10, 10], [0, 0, 10, 5]], dtype=np.float64)
-    assert nms(half, np.asarray([0.9, 0.8]), np.zeros(2), 0.5, 100).tolist() == [0, 1]
-
-
-def test_postprocess_thresholds_maps_back_and_clips() -> None:
-    settings = DetectionSettings(score_threshold=0.05, iou_threshold=0.5, max_detections=100)
-    rows = np.asarray(
-        [
-            [10, 20, 50, 60, 0.9, 3],
-            [12, 20, 50, 60, 0.8, 3],  # overlaps the first, same class: suppressed
-            [12, 20, 50, 60, 0.7, 4],  # another class: kept
-            [100, 100, 200, 500, 0.6, 1],  # reaches into the padding: clipped to the image
-            [0, 0, 5, 5, 0.05, 2],  # at the export's threshold: dropped
-        ],
-        dtype=np.float32,
-    )
-    # A 100x200 (w x h) image letterboxed into 320x320: resized to 160x320, scale 1.6.
-    found = postprocess(rows, settings, (100, 200), (160, 320), (1.6, 1.6))
-    assert [f[5] for f in found] == [3, 4, 1]
-    np.testing.assert_allclose(found[0][:4], [10 / 1.6, 20 / 1.6, 50 / 1.6, 60 / 1.6])
-    np.testing.assert_allclose(found[2][:4], [100 / 1.6, 100 / 1.6, 100, 200])
-    assert [f[5] for f in postprocess(rows, settings, (100, 200), (160, 320), (1.6, 1.6), 0.65)] == [3, 4]
-    assert len(postprocess(rows, settings, (100, 200), (160, 320), (1.6, 1.6), max_detections=1)) == 1
 
 
 def mmdet_checkpoint(model: FocalRetinaNet, path: Path) -> Path:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from focal import FocalTransformer, load_checkpoint
-from tests.conftest import OFFICIAL_CASES, load_official_case
+from tests.support import OFFICIAL_CASES, load_official_case
 
 TOLERANCE = 1e-4  # max abs logit difference, fp32 CPU (fixtures README)
 

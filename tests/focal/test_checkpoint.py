@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from focal import CheckpointAdaptationWarning, CheckpointError, FocalTransformer, create_model, load_checkpoint
 from focal.checkpoint import adapt_state_dict, read_state_dict
-from tests.conftest import load_official_case
+from tests.support import load_official_case
 
 
 def _micro_224(**overrides: object) -> FocalTransformer:

@@ -176,24 +176,40 @@ def test_the_deadline_holds_while_the_backend_hangs() -> None:
     asyncio.run(scenario())
 
 
-def test_consecutive_failures_are_counted_and_reset() -> None:
+def test_every_batch_reports_its_outcome_to_the_observer() -> None:
+    """What the model's health counts: None for a batch that succeeded, the error for one that failed."""
+
+    class Outcomes:
+        def __init__(self) -> None:
+            self.errors: list[str | None] = []
+
+        def queue_depth(self, depth: int) -> None:
+            pass
+
+        def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
+            self.errors.append(error)
+
+        def dropped(self, reason: str) -> None:
+            pass
+
     async def scenario() -> None:
         calls = {"n": 0}
 
         def flaky(batch: np.ndarray) -> np.ndarray:
             calls["n"] += 1
-            if calls["n"] <= 3:
+            if calls["n"] <= 2:
                 raise RuntimeError("CUDA error")
             return batch
 
-        batcher = DynamicBatcher(flaky, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8)
+        outcomes = Outcomes()
+        batcher = DynamicBatcher(flaky, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8, observer=outcomes)
         batcher.start()
-        for _ in range(3):
+        for _ in range(2):
             with pytest.raises(BackendError):
                 await batcher.submit(np.zeros(3, np.float32), 5.0)
-        assert batcher.consecutive_failures == 3
         await batcher.submit(np.zeros(3, np.float32), 5.0)
-        assert batcher.consecutive_failures == 0
+        assert outcomes.errors == ["RuntimeError: CUDA error", "RuntimeError: CUDA error", None]
+        assert not batcher.backend_running
         await batcher.stop()
 
     asyncio.run(scenario())

@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 
 from export import tensorrt_engine
+from export.engine import ensure_engine
+from manifest import read_manifest, sha256_file
+from tests.support import classify_manifest, model_folder
 
 
 class _Recorder:
@@ -215,14 +218,17 @@ def test_real_engine_build(tmp_path: Path) -> None:
     pytest.importorskip("tensorrt")
     if not tensorrt_engine.probe().available:
         pytest.skip(tensorrt_engine.probe().reason or "no TensorRT")
-    from export.pipeline import ExportOptions, run_export
+    from export.options import ExportOptions
+    from export.pipeline import run_export
 
     manifest = run_export(
         ExportOptions(variant="focal_tiny", random_init=True, fp16=True, out=tmp_path, engine="required"),
         log=lambda _: None,
     )
-    assert manifest["engine"]["path"] == "model.engine"
-    assert (tmp_path / "model.engine").stat().st_size > 0
+    assert manifest.engine is not None
+    assert manifest.engine.path == "model.engine"
+    assert (tmp_path / manifest.engine.path).stat().st_size > 0
+    assert read_manifest(tmp_path).engine == manifest.engine
 
 
 def test_tensorrt10_fp16_keeps_a_detectors_box_decoding_in_fp32(
@@ -240,3 +246,45 @@ def test_tensorrt10_fp16_keeps_a_detectors_box_decoding_in_fp32(
     assert len([c for c in rec.calls if c == ("output_type", ("topk", "float32"))]) == 1
     for name in ("anchor_div", "class_to_float", "before_topk", "other_constant", "mm"):
         assert precision[name] is None, name
+
+
+def test_the_engine_step_records_the_engine_reuses_it_and_rebuilds_a_damaged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ensure_engine` with a probe that finds a GPU and a stand-in for the build (no TensorRT here): the
+    manifest's `engine` holds the path and the build facts, and survives a write and a read."""
+    manifest = classify_manifest()
+    folder = model_folder(tmp_path, manifest)
+    builds: list[dict[str, Any]] = []
+
+    def build(**kwargs: Any) -> dict[str, Any]:
+        builds.append(kwargs)
+        kwargs["engine_path"].write_bytes(b"engine %d" % len(builds))
+        return {"built_from": kwargs["fp32_onnx"].name, "strongly_typed": False, "fp16_flag": False}
+
+    probe = tensorrt_engine.TensorRTProbe(True, None, "10.16.0", "NVIDIA H100", "9.0")
+    monkeypatch.setattr(tensorrt_engine, "probe", lambda: probe)
+    monkeypatch.setattr(tensorrt_engine, "build_engine", build)
+    ensure_engine(folder, manifest, "auto", log=lambda _: None)
+    assert manifest.engine is not None
+    assert (manifest.engine.path, manifest.engine.gpu_name, manifest.engine.tensorrt_version) == (
+        "model.engine",
+        "NVIDIA H100",
+        "10.16.0",
+    )
+    assert manifest.sha256["model.engine"] == sha256_file(folder / "model.engine")
+    assert builds[0]["batch"] == (1, 2, 4)
+    assert builds[0]["input_shape"] == (3, 32, 32)
+    manifest.write(folder)
+    again = read_manifest(folder)
+    assert again.engine == manifest.engine
+    ensure_engine(folder, again, "auto", log=lambda _: None)
+    assert len(builds) == 1  # same GPU, TensorRT, ONNX, precision and profile: reused
+    (folder / "model.engine").write_bytes(b"damaged")
+    ensure_engine(folder, again, "auto", log=lambda _: None)
+    assert len(builds) == 2
+    ensure_engine(folder, again, "skip", log=lambda _: None)
+    assert again.engine is None
+    assert again.engine_skipped_reason == "--engine skip"
+    assert not (folder / "model.engine").exists()
+    assert "model.engine" not in again.sha256

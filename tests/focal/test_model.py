@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from focal import VARIANTS, CheckpointAdaptationWarning, FocalTransformer, create_model, load_checkpoint
-from tests.conftest import load_official_case
+from tests.support import load_official_case
 
 # Official parameter counts, in millions (README of microsoft/Focal-Transformer).
 EXPECTED_PARAMS_M = {

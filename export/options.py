@@ -1,0 +1,114 @@
+"""What an export is asked to do: `ExportOptions` (the CLI's flags) and the checks every task shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from export.engine import ENGINE_MODES
+from focal import get_variant
+
+if TYPE_CHECKING:
+    from export.tasks import ExportTask
+
+
+class ExportError(Exception):
+    """The export cannot go on; the message is the one line of cause the CLI prints."""
+
+
+@dataclass
+class ExportOptions:
+    variant: str
+    task: str = "classify"
+    weights: Path | None = None
+    pretrained: bool = False
+    random_init: bool = False
+    backbone_weights: Path | None = None
+    image_size: tuple[int, int] | None = None  # None: the task's default
+    fp16: bool = False
+    min_batch: int = 1
+    opt_batch: int = 0  # 0: the task's default
+    max_batch: int = 0
+    out: Path | None = None
+    engine: str = "auto"
+    workspace_gib: float = 4.0
+    timing_cache: Path | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    labels: Path | None = None
+
+    @property
+    def hooks(self) -> ExportTask:
+        """The task's export hooks (`export.tasks`); ExportError for an unknown task."""
+        from export.tasks import get_task
+
+        return get_task(self.task)
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image_size or self.hooks.default_size
+
+    @property
+    def batch(self) -> tuple[int, int, int]:
+        """(min, opt, max) of the batch profile, the task's defaults filled in."""
+        opt, high = self.hooks.default_batch
+        return self.min_batch, self.opt_batch or opt, self.max_batch or high
+
+    @property
+    def weights_role(self) -> str:
+        """What the weights file holds: 'classifier', 'detector', or 'backbone' (a detector's backbone only)."""
+        return self.hooks.weights_role(self)
+
+    @property
+    def untrained(self) -> bool:
+        """Random-init, or a detector's backbone only (its FPN and head untrained): as meaningless either way."""
+        return self.random_init or self.weights_role == "backbone"
+
+    @property
+    def weights_given(self) -> list[bool]:
+        return [self.weights is not None, self.pretrained, self.random_init, self.backbone_weights is not None]
+
+    def default_out(self) -> Path:
+        h, w = self.size
+        suffix = "-random-init" if self.random_init else ""
+        return Path("artifacts") / f"{get_variant(self.variant).name}-{self.task}-{h}x{w}-{self.precision}{suffix}"
+
+    def validate(self) -> None:
+        """The checks every task shares, then the task's own (`ExportTask.check`)."""
+        hooks = self.hooks
+        if self.engine not in ENGINE_MODES:
+            raise ExportError(f"--engine must be one of {', '.join(ENGINE_MODES)}")
+        if sum(self.weights_given) > 1:
+            raise ExportError("give at most one of --weights, --pretrained, --random-init, --backbone-weights")
+        low, opt, high = self.batch
+        if not 1 <= low <= opt <= high:
+            raise ExportError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {low}/{opt}/{high}")
+        if low != 1:
+            raise ExportError("--min-batch must be 1: the service sends single requests as batches of 1")
+        if not self.workspace_gib > 0:  # also refuses NaN
+            raise ExportError("--workspace-gib must be a positive number")
+        try:
+            get_variant(self.variant)
+        except KeyError as exc:
+            raise ExportError(str(exc.args[0])) from exc
+        if not isinstance(self.model_kwargs, dict):
+            raise ExportError("--model-kwargs must be a JSON object of official constructor keywords")
+        for key, why in (
+            ("img_size", "use --image-size"),
+            ("features_only", "feature backbones are for --task detect"),
+        ):
+            if key in self.model_kwargs:
+                raise ExportError(f"--model-kwargs cannot set {key}: {why}")
+        if self.labels is not None and not self.labels.is_file():
+            raise ExportError(f"--labels {self.labels}: no such file")
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise ExportError(f"--out {self.out}: exists and is not a folder")
+        hooks.check(self)
+
+
+def read_label_file(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,260 @@
+"""The export folder's contract: `manifest.json`, as typed models.
+
+`python -m export` writes it; `python -m service`, its backends and
+`python -m export.engine` read it. This module imports neither side, nor torch:
+the serving images read manifests without the model code.
+
+One manifest describes one export folder: the model and weights it came from,
+the ONNX graphs and the one the service should run, the input and output
+tensors, the preprocessing, the batch profile, the TensorRT engine (or why
+there is none), the verification results and the sha256 of every artifact.
+Each task adds its own section (`detection` for a detector) and its own
+preprocess block; the `task` field tells them apart.
+
+`FORMAT_VERSION` changes whenever a field changes meaning or shape; a reader
+refuses other versions with the command that re-exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION: Final = 2  # 2: typed; `engine` holds the engine's path and build facts (was a path + `engine_info`)
+
+WeightsKind = Literal["file", "pretrained", "random-init"]
+RANDOM_INIT: WeightsKind = "random-init"
+
+
+class ManifestError(Exception):
+    """A folder has no usable manifest (the message says why and what to do)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["float32", "float16", "uint8"]
+    shape: list[int | str] = Field(description="'batch' names the symbolic batch axis")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample (everything after the batch axis)."""
+        return tuple(int(d) for d in self.shape[1:])
+
+
+class BatchProfile(_Strict):
+    min: int = Field(ge=1)
+    opt: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchProfile:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile must satisfy min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        return self
+
+
+class Weights(_Strict):
+    source: WeightsKind
+    sha256: str | None
+    seed: int | None = None  # random-init
+    file: str | None = None
+    path: str | None = Field(None, description="absolute path at export time (the PyTorch reference backend)")
+    url: str | None = None
+    adaptations: list[str] = Field(default_factory=list, description="what loading the checkpoint adapted")
+
+
+class CropPreprocess(_Strict):
+    """Classification: the official evaluation transform, generalised to non-square inputs."""
+
+    resize: Literal["cover_and_crop"] = "cover_and_crop"
+    resize_to_cover: tuple[int, int] = Field(description="(height, width) the image is scaled to cover")
+    crop: tuple[int, int] = Field(description="(height, width) of the centre crop: the model input")
+    interpolation: Literal["bicubic"] = "bicubic"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_range: str = "RGB scaled to [0, 1], then (x - mean) / std"
+    layout: Literal["NCHW"] = "NCHW"
+
+
+class LetterboxPreprocess(_Strict):
+    """Detection: aspect kept, fitted inside a static canvas, padded bottom/right (mmdetection's test transform)."""
+
+    resize: Literal["letterbox"] = "letterbox"
+    canvas: tuple[int, int] = Field(description="(height, width)")
+    scale: str = "min(canvas_h / image_h, canvas_w / image_w); resized side = int(side * scale + 0.5)"
+    pad: str = "bottom and right, value 0 after normalisation"
+    interpolation: Literal["bilinear"] = "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_range: str = "RGB scaled to [0, 1], then (x - mean) / std"
+    layout: Literal["NCHW"] = "NCHW"
+
+
+class GraphInfo(_Strict):
+    node_count: int
+    opset: int
+    op_counts: dict[str, int]
+
+
+class Engine(_Strict):
+    """A built TensorRT engine: it runs only with this TensorRT version on this GPU type."""
+
+    path: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: Literal["fp32", "fp16"]
+    batch: BatchProfile
+    onnx_sha256: str = Field(description="of the ONNX it was built from")
+    built_from: str
+    strongly_typed: bool
+    fp16_flag: bool
+
+
+class DetectionLevel(_Strict):
+    name: str
+    stride: int
+    size: tuple[int, int]
+    candidates: int = Field(description="rows this level contributes to the output")
+
+
+class Anchors(_Strict):
+    strides: list[int]
+    octave_base_scale: float
+    scales_per_octave: int
+    ratios: list[float]
+    center_offset: float
+    per_location: int
+
+
+class DetectionPostprocess(_Strict):
+    score_threshold: float
+    nms: str
+    iou_threshold: float
+    max_detections: int
+
+
+class Detection(_Strict):
+    """Everything needed to read a detector's output rows and finish its post-processing."""
+
+    output_columns: list[str]
+    coordinates: str
+    canvas: tuple[int, int]
+    levels: list[DetectionLevel]
+    anchors: Anchors
+    box_coder: dict[str, Any]
+    selection: str
+    postprocess: DetectionPostprocess
+    neck: dict[str, Any]
+    head: dict[str, Any]
+
+
+class _ManifestBase(_Strict):
+    format_version: Literal[2] = FORMAT_VERSION
+    variant: str
+    official_name: str | None
+    input_size: tuple[int, int] = Field(description="(height, width) of the model input")
+    num_classes: int = Field(ge=1)
+    random_init: bool = Field(description="true when any part of the model is untrained")
+    weights_role: Literal["classifier", "detector", "backbone"]
+    weights: Weights
+    precision: Literal["fp32", "fp16"] = Field(description="what the export produced for GPUs")
+    onnx: str = Field(description="the graph a GPU runs (the fp16 one when precision is fp16)")
+    onnx_fp32: str = Field(description="the fp32 graph (what runs on CPUs)")
+    labels: str
+    input: TensorSpec
+    outputs: list[TensorSpec] = Field(min_length=1, max_length=1)
+    batch: BatchProfile
+    focal_config: dict[str, Any] = Field(description="FocalConfig keywords the model was built with")
+    graph: GraphInfo
+    verification: dict[str, dict[str, Any]]
+    engine: Engine | None = None
+    engine_skipped_reason: str | None = None
+    sha256: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(default_factory=dict, description="what the export was made from (its reuse key)")
+    versions: dict[str, str | None] = Field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def output(self) -> TensorSpec:
+        return self.outputs[0]
+
+    @property
+    def onnx_names(self) -> list[str]:
+        return sorted({self.onnx, self.onnx_fp32})
+
+    def write(self, folder: Path) -> Path:
+        """Atomically: a reader never sees half a manifest."""
+        path = folder / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    def intact(self, folder: Path, names: list[str]) -> bool:
+        """True when every named artifact exists and matches the sha256 recorded here."""
+        return all(
+            name in self.sha256 and (folder / name).is_file() and sha256_file(folder / name) == self.sha256[name]
+            for name in names
+        )
+
+
+class ClassifyManifest(_ManifestBase):
+    task: Literal["classify"] = "classify"
+    preprocess: CropPreprocess
+
+
+class DetectManifest(_ManifestBase):
+    task: Literal["detect"] = "detect"
+    preprocess: LetterboxPreprocess
+    detection: Detection
+
+
+Manifest = ClassifyManifest | DetectManifest
+TASKS = ("classify", "detect")
+_MANIFEST: TypeAdapter[Manifest] = TypeAdapter(Annotated[Manifest, Field(discriminator="task")])
+
+
+def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
+    """Validate a manifest's JSON data; `ManifestError` names each field that is wrong."""
+    if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{where}: manifest format {data.get('format_version')}, this version reads {FORMAT_VERSION}; "
+            "export the model again with python -m export"
+        )
+    if isinstance(data, dict) and data.get("task") not in TASKS:
+        raise ManifestError(f"{where}: task {data.get('task')!r} cannot be served (only {', '.join(TASKS)})")
+    try:
+        return _MANIFEST.validate_python(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ManifestError(f"{where}: invalid manifest ({problems})") from None
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The folder's manifest; `ManifestError` when it is missing, unreadable or of another format."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder}: no {MANIFEST_NAME} (is it a python -m export output folder?)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not readable JSON ({exc})") from None
+    return parse_manifest(data, str(path))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,255 @@
+"""Detection, served: the letterbox transform and its inverse, class-aware NMS, `POST /detect`.
+
+The export's graph gives, per image, rows of (x1, y1, x2, y2, score, class_id) in
+canvas pixels: the top candidates of each pyramid level (`manifest.Detection`).
+What is left is mmdetection's test procedure, here:
+
+- `Letterbox.to_canvas`: the image is scaled, keeping its aspect ratio, to fit inside
+  the static canvas (mmdetection's rounding and its OpenCV bilinear resize),
+  normalised, and padded bottom/right with zeros (the mean colour).
+- `postprocess`: boxes clipped to the resized image inside the canvas (mmdetection's
+  `img_shape`), scores at or below the threshold dropped, greedy NMS per class (a box
+  is suppressed by a higher-scoring box of its class with IoU above the threshold),
+  the best `max_detections` kept.
+- `Letterbox.to_image`: canvas boxes back to the original image's pixels, per axis.
+
+Ties are broken by row order (a stable sort), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from manifest import DetectionPostprocess, LetterboxPreprocess, Manifest
+from service import errors
+from service.api import State, image_route, off_loop, run_images, serving_model
+from service.schemas import ModelInfo
+from service.tasks.base import ServiceTask
+
+Box = tuple[float, float, float, float, float, int]  # x1, y1, x2, y2, score, class_id
+
+
+@dataclass(frozen=True)
+class Letterboxed:
+    pixels: np.ndarray  # float32 [3, H, W] canvas
+    image_size: tuple[int, int]  # original (width, height)
+    resized: tuple[int, int]  # (width, height) of the image inside the canvas
+    scale: tuple[float, float]  # (resized width / width, resized height / height)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    canvas: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_manifest(cls, spec: LetterboxPreprocess) -> Letterbox:
+        return cls(spec.canvas, spec.mean, spec.std)
+
+    @property
+    def draft_short_side(self) -> int:
+        """JPEG draft target: a short side this long always covers the resized image."""
+        return min(self.canvas)
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image is resized to: aspect kept, inside the canvas, rounded as mmdetection does."""
+        scale = min(self.canvas[0] / height, self.canvas[1] / width)
+        return (
+            min(max(int(width * scale + 0.5), 1), self.canvas[1]),
+            min(max(int(height * scale + 0.5), 1), self.canvas[0]),
+        )
+
+    def to_canvas(self, image: Image.Image, full_size: tuple[int, int] | None = None) -> Letterboxed:
+        """RGB image -> the normalised canvas with the image at the top left, and the scale back.
+
+        `full_size`: the image's real (width, height) when `image` was decoded at a reduced
+        (JPEG draft) scale; sizes and scales refer to it, as if the full image had been resized."""
+        width, height = full_size or image.size
+        new_w, new_h = self.fit(width, height)
+        resized = resize_linear(np.asarray(image), (new_w, new_h))
+        pixels = resized.astype(np.float32) / np.float32(255.0)
+        normalised = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        canvas = np.zeros((3, *self.canvas), dtype=np.float32)
+        canvas[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+        return Letterboxed(canvas, (width, height), (new_w, new_h), (new_w / width, new_h / height))
+
+    @staticmethod
+    def to_image(boxes: np.ndarray, placed: Letterboxed) -> np.ndarray:
+        """[N, 4] canvas boxes (x1, y1, x2, y2) -> the original image's pixels, clipped to it."""
+        sx, sy = placed.scale
+        width, height = placed.image_size
+        back = boxes / np.asarray([sx, sy, sx, sy])
+        clipped: np.ndarray = np.clip(back, 0, [width, height, width, height])  # the scale's rounding only
+        return clipped
+
+
+def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index along one axis: the two source indices and the weight of the second."""
+    position = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    first = np.floor(position).astype(np.int64)
+    weight = position - first
+    outside = (first < 0) | (first >= source - 1)  # at the edges the nearest pixel is repeated
+    first = np.clip(first, 0, source - 1)
+    weight[outside] = 0.0
+    return first, np.minimum(first + 1, source - 1), weight.astype(np.float32)
+
+
+def resize_linear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [height, width, C] = `size` (width, height), as OpenCV's INTER_LINEAR.
+
+    That is what mmdetection resizes with: pixel centres at +0.5, edges clamped, and no
+    smoothing when shrinking (Pillow's bilinear averages over the shrink factor, so a
+    detector trained with mmdetection would see other pixel values). Agrees with
+    OpenCV to within one level (OpenCV uses 11-bit fixed-point weights)."""
+    if (pixels.shape[1], pixels.shape[0]) == tuple(size):
+        return pixels
+    y0, y1, wy = _linear_taps(pixels.shape[0], size[1])
+    x0, x1, wx = _linear_taps(pixels.shape[1], size[0])
+    # The four neighbours of each output pixel, picked as uint8: memory follows the output size only.
+    rows0, rows1 = y0[:, None], y1[:, None]
+    a, b = pixels[rows0, x0].astype(np.float32), pixels[rows0, x1].astype(np.float32)
+    c, d = pixels[rows1, x0].astype(np.float32), pixels[rows1, x1].astype(np.float32)
+    weight_x = wx[None, :, None]
+    top, bottom = a + (b - a) * weight_x, c + (d - c) * weight_x  # horizontal first, as OpenCV
+    out = top + (bottom - top) * wy[:, None, None]
+    result: np.ndarray = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return result
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one box [4] with boxes [N, 4] (x1, y1, x2, y2); 0 where the union is empty."""
+    wh = np.clip(np.minimum(box[2:], boxes[:, 2:]) - np.maximum(box[:2], boxes[:, :2]), 0, None)
+    inter = wh[:, 0] * wh[:, 1]
+    area = max(float(box[2] - box[0]), 0.0) * max(float(box[3] - box[1]), 0.0)
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, max_detections: int
+) -> np.ndarray:
+    """Class-aware greedy NMS; returns the kept row indices, best first, at most `max_detections`.
+
+    Rows are visited in score order; each kept row suppresses the later rows of
+    its class that overlap it by more than `iou_threshold`. Only kept rows get an
+    IoU pass, and only against their own class, so the cost is about
+    O(kept * rows per class)."""
+    if len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    boxes = boxes[order].astype(np.float64)
+    classes = np.unique(classes[order], return_inverse=True)[1].reshape(-1)  # 0..k-1 codes (NaN included)
+    # Positions (in score order) of each class's rows, ascending.
+    by_class = np.argsort(classes, kind="stable")
+    starts = np.flatnonzero(np.r_[True, classes[by_class][1:] != classes[by_class][:-1]])
+    members = dict(zip(classes[by_class][starts].tolist(), np.split(by_class, starts[1:]), strict=True))
+    alive = np.ones(len(order), dtype=bool)
+    keep: list[int] = []
+    for i in range(len(order)):
+        if len(keep) >= max_detections:
+            break
+        if not alive[i]:
+            continue
+        keep.append(i)
+        same = members[classes[i].item()]
+        later = same[np.searchsorted(same, i, side="right") :]
+        alive[later[box_iou(boxes[i], boxes[later]) > iou_threshold]] = False
+    return np.asarray(order[keep], dtype=np.int64)
+
+
+def postprocess(
+    rows: np.ndarray,
+    placed: Letterboxed,
+    settings: DetectionPostprocess,
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+) -> list[Box]:
+    """One image's [K, 6] candidates -> (x1, y1, x2, y2, score, class_id) in original pixels, best first.
+
+    A request's `score_threshold` above the export's is applied before NMS, which
+    keeps exactly the detections that NMS at the export's threshold would have
+    kept with scores above it (a box is only ever suppressed by a higher score)."""
+    threshold = max(settings.score_threshold, score_threshold or 0.0)
+    limit = min(settings.max_detections, max_detections or settings.max_detections)
+    candidates = rows[rows[:, 4] > threshold]
+    width, height = placed.resized
+    boxes = np.clip(candidates[:, :4].astype(np.float64), 0, [width, height, width, height])
+    index = nms(boxes, candidates[:, 4], candidates[:, 5], settings.iou_threshold, limit)
+    kept = candidates[index]
+    image_boxes = Letterbox.to_image(boxes[index], placed)
+    return [
+        (float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(row[4]), int(row[5]))
+        for b, row in zip(image_boxes, kept, strict=True)
+    ]
+
+
+def _transform(manifest: Manifest) -> Letterbox:
+    if not isinstance(manifest.preprocess, LetterboxPreprocess):
+        raise TypeError(f"a detector needs a letterbox preprocess, not {manifest.preprocess.resize}")
+    return Letterbox.from_manifest(manifest.preprocess)
+
+
+class Detection(BaseModel):
+    class_id: int
+    label: str
+    score: float = Field(description="sigmoid class probability")
+    box: list[float] = Field(description="[x1, y1, x2, y2] in the original image's pixels (after EXIF rotation)")
+
+
+class DetectResult(BaseModel):
+    detections: list[Detection] = Field(description="best first, after class-aware NMS")
+    image_size: list[int] = Field(description="[width, height] of the image the boxes refer to")
+
+
+class DetectResponse(BaseModel):
+    model: ModelInfo
+    results: list[DetectResult] = Field(description="one result per image, in request order")
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/detect", response_model=DetectResponse, **image_route("Detect objects in one or more images (needs a detector)")
+)
+async def detect(
+    request: Request,
+    state: State,
+    score_threshold: Annotated[
+        float, Query(ge=0.0, le=1.0, description="keep detections scoring above this (the export's 0.05 at least)")
+    ] = 0.3,
+    max_detections: Annotated[
+        int | None, Query(ge=1, description="detections per image (default and most: the export's, 100)")
+    ] = None,
+) -> dict[str, Any]:
+    model = serving_model(state, "detect")
+    assert model.manifest.task == "detect"  # the registry routes by task
+    settings = model.manifest.detection.postprocess
+    if max_detections is not None and max_detections > settings.max_detections:
+        raise errors.InvalidParameter(f"max_detections: must be at most {settings.max_detections}")
+    placed, outputs = await run_images(request, state, model)
+
+    def finish(item: tuple[np.ndarray, Any]) -> dict[str, Any]:
+        rows, image = item
+        found = postprocess(rows, image, settings, score_threshold, max_detections)
+        return {
+            "detections": [
+                {"class_id": c, "label": model.labels[c], "score": score, "box": [x1, y1, x2, y2]}
+                for x1, y1, x2, y2, score, c in found
+            ],
+            "image_size": list(image.image_size),
+        }
+
+    results = await off_loop(state, finish, list(zip(outputs, placed, strict=True)))
+    return {"model": model.info(), "results": results}
+
+
+TASK = ServiceTask(name="detect", path="/detect", router=router, transform=_transform)

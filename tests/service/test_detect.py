@@ -1,0 +1,209 @@
+"""Detection, served: the letterbox and its inverse, NMS and post-processing against plain references,
+the route in-process (fake backend), and exact boxes end to end from a constructed detector's real
+export (the app in-process over the real onnxruntime backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from focal.anchors import level_sizes
+from manifest import DetectionPostprocess
+from service.app import create_app
+from service.settings import Settings
+from service.tasks.detect import Letterbox, Letterboxed, nms, postprocess, resize_linear
+from tests.conftest import DETECT_CANVAS, HORSE, HORSE_ANCHOR, DetectExport
+from tests.support import (
+    JPEG,
+    FakeBackend,
+    detect_manifest,
+    encode,
+    exif_rotated_jpeg,
+    model_folder,
+    photo,
+    reference_anchors,
+    reference_nms,
+    running_app,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [((480, 640), (427, 320)), ((1080, 1920), (640, 360)), ((100, 37), (320, 865)), ((1, 4000), (1, 320)),
+     ((3, 5), (640, 384)), ((701, 1399), (320, 160)), ((480, 640), (640, 480))],
+)  # fmt: skip
+def test_letterbox_resize_is_opencv_bilinear(source: tuple[int, int], target: tuple[int, int]) -> None:
+    """mmdetection resizes with cv2.INTER_LINEAR (no smoothing when shrinking): within one level of it."""
+    import cv2
+
+    pixels = np.random.default_rng(0).integers(0, 256, (*source, 3), dtype=np.uint8)
+    expected = cv2.resize(pixels, target, interpolation=cv2.INTER_LINEAR).reshape(target[1], target[0], 3)
+    got = resize_linear(pixels, target)
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_letterbox_places_the_image_top_left_and_pads_with_the_mean() -> None:
+    spec = Letterbox(canvas=(320, 320), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert spec.fit(121, 200) == (194, 320)  # int(121 * 1.6 + 0.5)
+    assert spec.fit(1, 40000) == (1, 320)
+    boxed = spec.to_canvas(Image.new("RGB", (121, 200), (255, 255, 255)))
+    assert (boxed.image_size, boxed.resized, boxed.scale) == ((121, 200), (194, 320), (194 / 121, 1.6))
+    white = (1 - np.asarray(spec.mean)) / np.asarray(spec.std)
+    np.testing.assert_allclose(
+        boxed.pixels[:, :, :194], np.broadcast_to(white[:, None, None], (3, 320, 194)), rtol=1e-6
+    )
+    assert not boxed.pixels[:, :, 194:].any()  # zero after normalisation: the mean colour
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nms_matches_the_reference_with_ties_and_degenerate_boxes(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    xy = rng.uniform(0, 100, (n, 2))
+    wh = rng.uniform(0, 40, (n, 2))
+    wh[rng.random(n) < 0.1] = 0  # points
+    wh[rng.random(n) < 0.05, 0] = 0  # zero-width lines
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    dupes = rng.random(n) < 0.1  # exact duplicates of another box
+    boxes[dupes] = boxes[rng.integers(0, n, int(dupes.sum()))]
+    scores = np.round(rng.random(n), 1)  # few distinct values: many ties
+    classes = rng.integers(0, 4, n).astype(np.float32)
+    threshold, limit = float(rng.choice([0.0, 0.3, 0.5, 0.7])), int(rng.choice([5, 100]))
+    got = nms(boxes, scores, classes, threshold, limit).tolist()
+    assert got == reference_nms(boxes, scores, classes, threshold, limit)
+
+
+def test_nms_edge_cases() -> None:
+    empty = np.zeros((0, 4))
+    assert nms(empty, np.zeros(0), np.zeros(0), 0.5, 100).tolist() == []
+    same = np.asarray([[0, 0, 10, 10]] * 3, dtype=np.float64)
+    # Identical boxes: one survives per class; equal scores keep the first row.
+    assert nms(same, np.asarray([0.5, 0.5, 0.5]), np.asarray([0, 1, 0]), 0.5, 100).tolist() == [0, 1]
+    # A NaN class (a broken backend) is its own class rather than a crash.
+    assert nms(same, np.asarray([0.5, 0.4, 0.3]), np.asarray([np.nan, 0, np.nan]), 0.5, 100).tolist()[:2] == [0, 1]
+    # IoU exactly at the threshold is kept (suppression needs IoU > threshold).
+    half = np.asarray([[0, 0, 10, 10], [0, 0, 10, 5]], dtype=np.float64)
+    assert nms(half, np.asarray([0.9, 0.8]), np.zeros(2), 0.5, 100).tolist() == [0, 1]
+
+
+def test_postprocess_thresholds_maps_back_and_clips() -> None:
+    settings = DetectionPostprocess(score_threshold=0.05, nms="class-aware", iou_threshold=0.5, max_detections=100)
+    rows = np.asarray(
+        [
+            [10, 20, 50, 60, 0.9, 3],
+            [12, 20, 50, 60, 0.8, 3],  # overlaps the first, same class: suppressed
+            [12, 20, 50, 60, 0.7, 4],  # another class: kept
+            [100, 100, 200, 500, 0.6, 1],  # reaches into the padding: clipped to the image
+            [0, 0, 5, 5, 0.05, 2],  # at the export's threshold: dropped
+        ],
+        dtype=np.float32,
+    )
+    # A 100x200 (w x h) image letterboxed into 320x320: resized to 160x320, scale 1.6.
+    placed = Letterboxed(np.zeros(0), (100, 200), (160, 320), (1.6, 1.6))
+    found = postprocess(rows, placed, settings)
+    assert [f[5] for f in found] == [3, 4, 1]
+    np.testing.assert_allclose(found[0][:4], [10 / 1.6, 20 / 1.6, 50 / 1.6, 60 / 1.6])
+    np.testing.assert_allclose(found[2][:4], [100 / 1.6, 100 / 1.6, 100, 200])
+    assert [f[5] for f in postprocess(rows, placed, settings, 0.65)] == [3, 4]
+    assert len(postprocess(rows, placed, settings, max_detections=1)) == 1
+
+
+def test_to_image_inverts_to_canvas() -> None:
+    """A box drawn on the image lands where the letterbox put it, and maps back to where it was drawn."""
+    spec = Letterbox(canvas=(64, 96), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    image = Image.new("RGB", (300, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (60, 20, 150, 80))  # x1, y1, x2, y2
+    placed = spec.to_canvas(image)
+    assert (placed.resized, placed.scale) == ((96, 32), (96 / 300, 32 / 100))
+    lit = np.argwhere(placed.pixels[0] > 0.9)  # (y, x) on the canvas
+    canvas_box = np.asarray([[lit[:, 1].min(), lit[:, 0].min(), lit[:, 1].max() + 1, lit[:, 0].max() + 1]])
+    np.testing.assert_allclose(Letterbox.to_image(canvas_box, placed)[0], [60, 20, 150, 80], atol=300 / 96)
+    # Outside the image (the padding) clips to its edge.
+    np.testing.assert_allclose(Letterbox.to_image(np.asarray([[90.0, 40, 96, 64]]), placed)[0], [281.25, 100, 300, 100])
+
+
+# -- the route, in-process with a fake backend ---------------------------------------------------------
+def _rows(batch: np.ndarray) -> np.ndarray:
+    """Two candidates per image: class 1 at (8, 8, 40, 40), score 0.9, and class 2 reaching into the
+    padding below a wide image, score 0.6; the rest below every threshold."""
+    rows = np.zeros((len(batch), 20, 6), np.float32)
+    rows[:, 0] = [8, 8, 40, 40, 0.9, 1]
+    rows[:, 1] = [40, 24, 56, 48, 0.6, 2]
+    return rows
+
+
+async def test_detections_in_image_pixels_with_labels_and_bounded_parameters(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, detect_manifest(canvas=(64, 64)))
+    wide = encode(photo((256, 128)), "PNG")  # into 64x64: resized to 64x32, scale 0.25
+    async with running_app(create_app(Settings(models=[folder]), lambda *_: FakeBackend(_rows))) as client:
+        response = await client.post("/detect?score_threshold=0.5", content=wide, headers={"Content-Type": "image/png"})
+        assert response.status_code == 200, response.text
+        result = response.json()["results"][0]
+        assert result["image_size"] == [256, 128]
+        assert result["detections"][0] == {"class_id": 1, "label": "label_1", "score": pytest.approx(0.9),
+                                           "box": pytest.approx([32, 32, 160, 128])}  # fmt: skip
+        assert result["detections"][1]["box"] == pytest.approx([160, 96, 224, 128])  # clipped to the image
+        high = await client.post("/detect?score_threshold=0.7", content=wide, headers={"Content-Type": "image/png"})
+        assert [d["class_id"] for d in high.json()["results"][0]["detections"]] == [1]
+        capped = await client.post("/detect?max_detections=6", content=JPEG, headers={"Content-Type": "image/jpeg"})
+        models = (await client.get("/v1/models")).json()["models"]
+    assert capped.status_code == 422
+    assert "max_detections: must be at most 5" in capped.json()["error"]["message"]
+    assert [(m["task"], m["input_size"], m["weights_role"]) for m in models] == [("detect", [64, 64], "detector")]
+
+
+# -- exact boxes, end to end on a real export -------------------------------------------------------------
+def expected_detections(width: int, height: int, resized: tuple[int, int]) -> np.ndarray:
+    """What the constructed detector must return for a width x height image, computed plainly:
+    each level's first 1000 (HORSE_ANCHOR, HORSE) anchors in location order (all tie; the lower index
+    wins), clipped to the canvas, then to the resized image, NMS, and scaled back per axis."""
+    boxes = []
+    for size, stride in zip(level_sizes(DETECT_CANVAS), [8, 16, 32, 64, 128], strict=True):
+        anchors = reference_anchors(size, stride)[HORSE_ANCHOR::9][:1000]
+        boxes.append(np.clip(anchors, 0, [DETECT_CANVAS[1], DETECT_CANVAS[0]] * 2))
+    stacked = np.clip(np.concatenate(boxes), 0, [resized[0], resized[1]] * 2)
+    keep = reference_nms(stacked, np.ones(len(stacked)), np.zeros(len(stacked)), 0.5, 100)
+    sx, sy = resized[0] / width, resized[1] / height
+    return np.asarray(stacked[keep] / [sx, sy, sx, sy])
+
+
+async def test_constructed_detector_boxes_come_back_in_original_pixels(detect_export: DetectExport) -> None:
+    """A 121x200 PNG into 128x128: scale 0.64, resized to 77x128 (sx != sy). A 1400x700 JPEG is
+    decoded at reduced scale (JPEG draft: the canvas needs no more), but its boxes must refer to the
+    full image; with EXIF orientation, to the upright image."""
+    large = photo((1400, 700), seed=4)
+    cases: list[tuple[bytes, str, tuple[int, int], tuple[int, int]]] = [
+        (encode(photo((121, 200)), "PNG"), "image/png", (121, 200), (77, 128)),
+        (encode(large, "JPEG", quality=90), "image/jpeg", (1400, 700), (128, 64)),
+        (exif_rotated_jpeg(large), "image/jpeg", (1400, 700), (128, 64)),
+    ]
+    async with running_app(create_app(Settings(models=[detect_export.folder], max_batch_size=4))) as client:
+        responses = [
+            await client.post("/detect?score_threshold=0.5", content=data, headers={"Content-Type": kind})
+            for data, kind, _, _ in cases
+        ]
+        files = [("image", ("a.png", cases[0][0], "image/png")), ("image", ("b.jpg", cases[1][0], "image/jpeg"))]
+        several = await client.post("/detect", files=files, params={"max_detections": 7})
+        nothing = await client.post(
+            "/detect?score_threshold=1", content=cases[0][0], headers={"Content-Type": "image/png"}
+        )
+    for response, (_, _, size, resized) in zip(responses, cases, strict=True):
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()["results"][0]
+        assert result["image_size"] == list(size)
+        found = result["detections"]
+        assert {(d["label"], d["class_id"]) for d in found} == {("horse", HORSE)}
+        assert all(d["score"] == pytest.approx(1 / (1 + np.exp(-8.0)), rel=1e-6) for d in found)
+        expected = expected_detections(*size, resized)
+        assert len(found) == len(expected) == min(100, len(expected))
+        np.testing.assert_allclose(np.asarray([d["box"] for d in found]), expected, atol=5e-3)
+    assert [r["image_size"] for r in several.json()["results"]] == [[121, 200], [1400, 700]]
+    assert all(len(r["detections"]) == 7 for r in several.json()["results"])
+    assert nothing.json()["results"][0]["detections"] == []
