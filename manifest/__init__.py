@@ -72,20 +72,25 @@ class Weights(_Strict):
     adaptations: list[str] = Field(default_factory=list, description="what loading the checkpoint adapted")
 
 
-class CropPreprocess(_Strict):
-    """Classification: the official evaluation transform, generalised to non-square inputs."""
+class _Normalised(_Strict):
+    """What every preprocess ends with: RGB in [0, 1], then (x - mean) / std, laid out NCHW."""
 
-    resize: Literal["cover_and_crop"] = "cover_and_crop"
-    resize_to_cover: tuple[int, int] = Field(description="(height, width) the image is scaled to cover")
-    crop: tuple[int, int] = Field(description="(height, width) of the centre crop: the model input")
-    interpolation: Literal["bicubic"] = "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_range: str = "RGB scaled to [0, 1], then (x - mean) / std"
     layout: Literal["NCHW"] = "NCHW"
 
 
-class LetterboxPreprocess(_Strict):
+class CropPreprocess(_Normalised):
+    """Classification: the official evaluation transform, generalised to non-square inputs."""
+
+    resize: Literal["cover_and_crop"] = "cover_and_crop"
+    resize_to_cover: tuple[int, int] = Field(description="(height, width) the image is scaled to cover")
+    crop: tuple[int, int] = Field(description="(height, width) of the centre crop: the model input")
+    interpolation: Literal["bicubic"] = "bicubic"
+
+
+class LetterboxPreprocess(_Normalised):
     """Detection: aspect kept, fitted inside a static canvas, padded bottom/right (mmdetection's test transform)."""
 
     resize: Literal["letterbox"] = "letterbox"
@@ -93,10 +98,6 @@ class LetterboxPreprocess(_Strict):
     scale: str = "min(canvas_h / image_h, canvas_w / image_w); resized side = int(side * scale + 0.5)"
     pad: str = "bottom and right, value 0 after normalisation"
     interpolation: Literal["bilinear"] = "bilinear"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    input_range: str = "RGB scaled to [0, 1], then (x - mean) / std"
-    layout: Literal["NCHW"] = "NCHW"
 
 
 class GraphInfo(_Strict):
