@@ -100,6 +100,9 @@ def _rename_batch_dim(proto: onnx.ModelProto) -> None:
 def keep_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of the graph with only the named outputs, without the nodes and initializers only the
     others needed. Nothing else changes: the kept nodes are the very nodes that were verified."""
+    missing = set(names) - {o.name for o in proto.graph.output}
+    if missing:
+        raise ValueError(f"the graph has no output(s) {sorted(missing)}")
     slim = onnx.ModelProto()
     slim.CopyFrom(proto)
     graph = slim.graph
@@ -118,4 +121,5 @@ def keep_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         kept = [item for item in field if item.name in needed]
         del field[:]
         field.extend(kept)
+    onnx.checker.check_model(slim)  # e.g. a graph whose nodes were not in topological order
     return slim

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -221,7 +221,7 @@ class DetectManifest(_ManifestBase):
 
 
 Manifest = ClassifyManifest | DetectManifest
-TASKS = ("classify", "detect")
+TASKS: tuple[str, ...] = tuple(get_args(cls.model_fields["task"].annotation)[0] for cls in get_args(Manifest))
 _MANIFEST: TypeAdapter[Manifest] = TypeAdapter(Annotated[Manifest, Field(discriminator="task")])
 
 

@@ -34,13 +34,13 @@ router = APIRouter()
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 IMAGE_ROUTE_ERRORS = {
     400: "an image could not be decoded, or the multipart body is malformed",
-    404: "no model of this task is loaded on this server",
+    404: "no model of this task was configured on this server",
     413: "body, image pixel count or number of images over the limit",
     415: "unsupported content type",
     422: "bad parameters",
     429: "queue full (Retry-After)",
     500: "the backend failed on this request's batch",
-    503: "still loading, or shutting down (Retry-After)",
+    503: "its model is still loading or failed to load, or the server is shutting down (Retry-After)",
     504: "deadline passed while queued",
 }
 _IMAGE_BODY: dict[str, Any] = {
@@ -70,7 +70,7 @@ def image_route(summary: str) -> dict[str, Any]:
     return {"responses": error_responses(IMAGE_ROUTE_ERRORS), "openapi_extra": _IMAGE_BODY, "summary": summary}
 
 
-def _state(request: Request) -> ServiceState:
+async def _state(request: Request) -> ServiceState:  # async: FastAPI would run a plain def in a thread
     state: ServiceState = request.app.state.service
     return state
 
@@ -79,16 +79,19 @@ State = Annotated[ServiceState, Depends(_state)]
 
 
 def serving_model(state: ServiceState, task: str) -> ServedModel:
-    """The model of `task`; 503 while it loads or the server drains, 404 when none was configured."""
+    """The model of `task`; 503 while it loads (or if it failed to) or the server drains; 404 when none was
+    configured."""
     retry = {"Retry-After": str(state.settings.retry_after_s)}
     if state.draining:
         raise errors.Unavailable("the server is shutting down", headers=retry)
     model = state.by_task(task)
     if model is not None:
         return model
-    if state.serves(task) and not state.failed:
-        raise errors.Unavailable(f"the {task} model is still loading", headers=retry)
-    raise errors.NotFound(f"no {task} model is loaded on this server")
+    if not state.serves(task):
+        raise errors.NotFound(f"no {task} model is loaded on this server")
+    if state.failed:
+        raise errors.Unavailable(f"the {task} model is not available (loading failed: {state.failed})", headers=retry)
+    raise errors.Unavailable(f"the {task} model is still loading", headers=retry)
 
 
 async def run_images(

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
+from service.api import error_responses
 from service.api import router as common_routes
 from service.health import ModelHealth
 from service.logs import request_id_var
@@ -80,8 +81,11 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            for model in state.models.values():
-                await model.close(state.drain_remaining())
+            remaining = state.drain_remaining()  # the models drain side by side, within one budget
+            closed = await asyncio.gather(*(m.close(remaining) for m in state.models.values()), return_exceptions=True)
+            for model, outcome in zip(state.models.values(), closed, strict=True):
+                if isinstance(outcome, BaseException):
+                    log.error("closing %s failed: %s", model.name, outcome)
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
@@ -90,6 +94,7 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
         summary="Focal Transformer inference with dynamic batching",
         version="0.1.0",
         lifespan=lifespan,
+        responses=error_responses({500: "internal error"}),  # any route, should a bug surface
     )
     app.state.service = state
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes)

@@ -44,7 +44,7 @@ class BackendError(Exception):
 
 
 class BatchObserver(Protocol):
-    """What the batcher reports (implemented by the metrics module)."""
+    """What the batcher reports (the served model passes it on to its metrics and its health)."""
 
     def queue_depth(self, depth: int) -> None: ...
 
@@ -160,6 +160,10 @@ class DynamicBatcher:
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no result within the request timeout of {timeout_s:g} s") from None
 
+    async def run_alone(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch on the batch thread outside the queue (warm-up): `backend_running` tracks it too."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+
     # -- worker ------------------------------------------------------------------------------
     def _run(self, inputs: np.ndarray) -> np.ndarray:
         """In the worker thread."""
@@ -207,7 +211,8 @@ class DynamicBatcher:
             self.in_flight = len(batch)
             start = self.batch_started = time.monotonic()
             waits = [start - item.enqueued for item in batch]
-            failure: str | None = "cancelled"
+            failure: str | None = None
+            cancelled = False
             try:
                 inputs = np.stack([item.sample for item in batch])
                 outputs = await loop.run_in_executor(self._executor, self._run, inputs)
@@ -216,8 +221,8 @@ class DynamicBatcher:
                 for item, output in zip(batch, outputs, strict=True):
                     if not item.future.done():
                         item.future.set_result(output)
-                failure = None
             except asyncio.CancelledError:
+                cancelled = True
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(Draining("the server is shutting down"))
@@ -230,4 +235,5 @@ class DynamicBatcher:
                         item.future.set_exception(error)
             finally:
                 self.in_flight, self.batch_started = 0, None
-                self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure)
+                if not cancelled:  # a batch cut short by shutdown says nothing about the backend
+                    self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure)

@@ -109,6 +109,7 @@ class ServedModel:
         )
         self.warmup_seconds: float | None = None
         self._probing: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     def load(
@@ -158,16 +159,17 @@ class ServedModel:
         top = self.batcher.max_batch_size
         sizes = sorted({1, min(self.manifest.batch.opt, top), top})
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        for size in sizes:
-            await loop.run_in_executor(None, self.backend.infer, self.synthetic_batch(size))
+        for size in sizes:  # on the batch thread, so close() sees a warm-up still running
+            await self.batcher.run_alone(self.synthetic_batch(size))
         self.warmup_seconds = time.perf_counter() - start
         self.batcher.start()
         self.health.warmed_up()
         log.info("warmed up %s at batch sizes %s in %.1f s", self.name, sizes, self.warmup_seconds)
 
     def batch_done(self, error: str | None) -> None:
-        if self.health.batch_done(error):
+        if self._closing:
+            return
+        if self.health.batch_done(error) and (self._probing is None or self._probing.done()):
             log.error(
                 "%s: %d batches in a row failed (%s): not ready; probing to recover",
                 self.name,
@@ -196,15 +198,16 @@ class ServedModel:
         log.info("%s recovered: ready again", self.name)
 
     async def close(self, drain_timeout_s: float) -> None:
-        """Finish queued work (up to the timeout), stop the batcher and free the backend."""
+        """Finish queued work (up to the timeout), stop the batcher and the probes, free the backend."""
+        if not await self.batcher.drain(drain_timeout_s):
+            log.warning("%s: queued work not finished within the drain timeout", self.name)
+        self._closing = True  # from here no batch outcome starts a probe
+        await self.batcher.stop()
         if self._probing is not None:
             self._probing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probing
-        if not await self.batcher.drain(drain_timeout_s):
-            log.warning("%s: queued work not finished within the drain timeout", self.name)
-        await self.batcher.stop()
-        if self.batcher.backend_running:  # a stuck backend call still uses it: freeing it now could crash
+        if self.batcher.backend_running:  # a warm-up or a stuck call still uses it: freeing it could crash
             log.warning("%s: a batch is still running; its backend is left to the process exit", self.name)
         else:
             self.backend.close()

@@ -24,7 +24,7 @@ class ServiceState:
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
     planned: list[ModelFolder]  # checked at start-up, in load order
-    models: dict[str, ServedModel] = field(default_factory=dict)  # loaded (warming up, ready, failing)
+    models: dict[str, ServedModel] = field(default_factory=dict)  # backend built (then warming up, ready, failing)
     loading: bool = True
     failed: str | None = None  # a model could not be loaded or warmed up
     draining: bool = False
@@ -55,8 +55,13 @@ class ServiceState:
             return False, "draining"
         if self.failed:
             return False, f"failed: {self.failed}"
-        not_ready = [(m.name, m.health.readiness()) for m in self.models.values()]
-        problems = [f"{name}: {detail}" for name, (ok, detail) in not_ready if not ok]
+        problems = []
+        for model in self.models.values():
+            ok, detail = model.health.readiness()
+            if ok and not model.batcher.alive:
+                ok, detail = False, "the batch worker stopped"
+            if not ok:
+                problems.append(f"{model.name}: {detail}")
         if problems:
             return False, "; ".join(problems)
         if self.loading:

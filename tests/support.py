@@ -284,6 +284,15 @@ def fixed_logits(num_classes: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 # -- the app in-process --------------------------------------------------------------------------------
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait (polling) until `condition()` holds: tests wait for states, never for fixed times."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition did not come true")
+        await asyncio.sleep(0.002)
+
+
 async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while (await client.get("/readyz")).status_code != 200:
@@ -329,6 +338,7 @@ class FakeGpu:
     output_shape: tuple[int, ...] = (-1, 5)
     tensors: tuple[str, str] = ("pixels", "logits")
     deserialises: bool = True
+    creates_context: bool = True  # False: out of GPU memory for the execution context
     fail_malloc_after: int | None = None  # fail the n-th cudaMalloc (0-based)
 
 
@@ -392,8 +402,8 @@ def fake_tensorrt_runtime(gpu: FakeGpu) -> tuple[types.ModuleType, types.ModuleT
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
             return (-1, *gpu.profile[0][1:]) if name == gpu.tensors[0] else gpu.output_shape
 
-        def create_execution_context(self) -> Context:
-            return Context()
+        def create_execution_context(self) -> Context | None:
+            return Context() if gpu.creates_context else None
 
     class Runtime:
         def __init__(self, logger: Logger) -> None:

@@ -144,12 +144,22 @@ class DetectTask(ExportTask):
         assert isinstance(model, FocalRetinaNet)
         inputs = random_inputs(size)
         levels = model.level_candidates
-        report = compare_detections(run_onnx(fp32, inputs), run_onnx(fp16, inputs), levels, 1e-2 * max(size))
+        got = run_onnx(fp16, inputs)
+        report = compare_detections(run_onnx(fp32, inputs), got, levels, 1e-2 * max(size))
         if report["raw_max_abs_diff"] > FP16_RELATIVE_TOLERANCE * max(report["raw_scale"], 1e-12):
             raise VerificationError(
                 f"the fp16 graph disagrees with fp32: head outputs max |diff| {report['raw_max_abs_diff']:.3g} is "
                 f"{report['raw_max_abs_diff'] / max(report['raw_scale'], 1e-12):.3g} of their scale "
                 f"{report['raw_scale']:.3g} (limit {FP16_RELATIVE_TOLERANCE}); export without --fp16"
+            )
+        # The served rows (selection and the fp32 decoding tail): finite, and each level's sorted scores
+        # where fp32 has them (near-ties may swap candidates, not move the sorted scores).
+        if not all(np.isfinite(out[0]).all() for out in got.values()) or (
+            report["score_max_abs_diff"] > FP16_RELATIVE_TOLERANCE
+        ):
+            raise VerificationError(
+                f"the fp16 graph's detections disagree with fp32: candidate scores max |diff| "
+                f"{report['score_max_abs_diff']:.3g} (limit {FP16_RELATIVE_TOLERANCE}), or rows that are not finite"
             )
         return {**report, "checked_with": "onnxruntime CPU"}
 

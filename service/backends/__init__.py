@@ -8,8 +8,9 @@ must not be called.
 `load_backend` picks one from the manifest and the machine (or the `backend`
 setting): the TensorRT engine when it exists and matches this GPU and TensorRT
 version, else onnxruntime (CUDA provider when it really is active, else CPU).
-PyTorch is a reference backend that rebuilds the model from the manifest (it
-needs the `torch` extra; the other two never import torch, `focal` or `export`).
+PyTorch is a reference backend that rebuilds the model from the manifest with the
+export's own task hooks (it needs the `export` extra; the other two never import
+torch, `focal` or `export`).
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ class TensorRTBackend:
                 f"says {expected}; {rebuild}"
             )
         self.engine, self.context = engine, engine.create_execution_context()
+        if self.context is None:
+            raise BackendUnavailable(f"{engine_path}: TensorRT could not create an execution context (GPU memory?)")
         self.device = f"cuda:0 ({gpu})"
         self.precision: str = built.precision
         try:
@@ -100,11 +102,13 @@ class TensorRTBackend:
             self.host_out = self._pinned((self.max_batch_size, *out_sample), out_dtype)
             self.device_in = self._device(self.host_in.nbytes)
             self.device_out = self._device(self.host_out.nbytes)
-        except BackendUnavailable:
+            self.context.set_tensor_address(self.input_name, self.device_in)
+            self.context.set_tensor_address(self.output_name, self.device_out)
+        except BaseException as exc:  # free what was allocated, whatever failed
             self.close()
-            raise
-        self.context.set_tensor_address(self.input_name, self.device_in)
-        self.context.set_tensor_address(self.output_name, self.device_out)
+            if isinstance(exc, BackendUnavailable) or not isinstance(exc, Exception):
+                raise
+            raise BackendUnavailable(f"setting up the TensorRT engine failed: {type(exc).__name__}: {exc}") from exc
 
     def _pinned(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         nbytes = int(np.prod(shape)) * dtype.itemsize

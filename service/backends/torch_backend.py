@@ -1,4 +1,4 @@
-"""PyTorch reference backend: rebuilds the exported model from the manifest (needs the `torch` extra).
+"""PyTorch reference backend: rebuilds the exported model from the manifest (needs the `export` extra).
 
 Only for checking the other backends: it needs the same weights the export used
 (random-init, or the checkpoint file recorded in the manifest). The model is built
@@ -30,7 +30,7 @@ class TorchBackend:
             from focal import FocalConfig
             from focal.checkpoint import read_state_dict
         except ImportError as exc:
-            raise BackendUnavailable(f"the torch backend needs the 'torch' extra ({exc})") from exc
+            raise BackendUnavailable(f"the torch backend needs the 'export' extra ({exc})") from exc
         self._torch = torch
         task = get_task(manifest.task)
         seed_random_init()

@@ -18,7 +18,9 @@ from fastapi import FastAPI
 from PIL import Image
 
 from manifest import FORMAT_VERSION, MANIFEST_NAME
+from service import errors
 from service.app import create_app
+from service.batcher import DynamicBatcher
 from service.models import ModelLoadError
 from service.settings import Settings
 from tests.support import (
@@ -31,11 +33,17 @@ from tests.support import (
     model_folder,
     photo,
     running_app,
+    until,
     wait_ready,
 )
 
 pytestmark = pytest.mark.anyio
 PNG = encode(photo(seed=2), "PNG")
+
+
+def batcher_of(app: FastAPI) -> DynamicBatcher:
+    batcher: DynamicBatcher = app.state.service.models["focal_tiny-classify"].batcher
+    return batcher
 
 
 def classifier(tmp_path: Path, **settings: Any) -> tuple[FastAPI, FakeBackend]:
@@ -157,12 +165,18 @@ async def test_request_ids_are_honoured_and_unknown_routes_answer_json(both: tup
 
 
 def test_every_route_declares_every_status_it_can_answer(tmp_path: Path) -> None:
+    """The image routes can answer every error the service defines (`service.errors`); every route can
+    answer 500 should a bug surface. (499, for a client that is gone, is logged and reaches nobody.)"""
     app, _ = classifier(tmp_path)
-    image_statuses = {200, 400, 404, 413, 415, 422, 429, 500, 503, 504}
+    defined = {
+        cls.status for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.ServiceError)
+    }
+    image_statuses = {200} | defined
+    assert image_statuses == {200, 400, 404, 413, 415, 422, 429, 500, 503, 504}
     assert _declared(app, "POST", "/classify") == image_statuses
     assert _declared(app, "POST", "/detect") == image_statuses
-    assert _declared(app, "GET", "/healthz") == _declared(app, "GET", "/readyz") == {200, 503}
-    assert _declared(app, "GET", "/v1/models") == _declared(app, "GET", "/metrics") == {200}
+    assert _declared(app, "GET", "/healthz") == _declared(app, "GET", "/readyz") == {200, 500, 503}
+    assert _declared(app, "GET", "/v1/models") == _declared(app, "GET", "/metrics") == {200, 500}
     schema = app.openapi()
     for path in ("/classify", "/detect"):
         responses = schema["paths"][path]["post"]["responses"]
@@ -181,7 +195,8 @@ async def test_overload_is_refused_at_once_with_retry_after(tmp_path: Path) -> N
         backend.hold = threading.Event()  # after the warm-up
         calls = [asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
                  for _ in range(8)]  # fmt: skip
-        await asyncio.sleep(0.3)
+        batcher = batcher_of(app)
+        await until(lambda: sum(c.done() for c in calls) + batcher.queue_depth + batcher.in_flight == 8)
         refused = [c.result() for c in calls if c.done()]  # answered while the backend is still held
         backend.hold.set()
         codes = [r.status_code for r in await asyncio.gather(*calls)]
@@ -198,7 +213,8 @@ async def test_concurrent_requests_are_batched_and_the_metrics_show_it(tmp_path:
         backend.hold = threading.Event()  # the first batch runs while the others queue up behind it
         calls = [asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
                  for _ in range(12)]  # fmt: skip
-        await asyncio.sleep(0.2)
+        batcher = batcher_of(app)
+        await until(lambda: batcher.queue_depth + batcher.in_flight == 12)
         backend.hold.set()
         responses = await asyncio.gather(*calls)
         metrics = (await client.get("/metrics")).text
@@ -216,12 +232,13 @@ async def test_a_request_past_its_deadline_gets_504_and_never_runs(tmp_path: Pat
         backend.hold = threading.Event()  # after the warm-up
         warm = len(backend.sizes)
         first = asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
-        await asyncio.sleep(0.05)
+        batcher = batcher_of(app)
+        await until(lambda: batcher.in_flight == 1)
         late = await client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"})
         assert_error(app, late, 504, "timeout")
         backend.hold.set()
         await first
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queue_depth == 0)  # the worker reached the late image (and dropped it)
         metrics = (await client.get("/metrics")).text
     assert len(backend.sizes) == warm + 1  # the first request; the late one never ran
     dropped = re.findall(r'focal_dropped_images_total\{model="focal_tiny-classify",reason="\w+"\} (\S+)', metrics)
@@ -233,7 +250,8 @@ async def test_a_client_that_disconnects_has_its_images_dropped_before_they_run(
     async with running_app(app) as client:
         backend.hold = threading.Event()  # after the warm-up
         busy = asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
-        await asyncio.sleep(0.05)
+        batcher = batcher_of(app)
+        await until(lambda: batcher.in_flight == 1)
         warm = len(backend.sizes)
         sent: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = [
@@ -254,9 +272,10 @@ async def test_a_client_that_disconnects_has_its_images_dropped_before_they_run(
                  "headers": [(b"content-type", b"image/jpeg")], "http_version": "1.1", "scheme": "http",
                  "server": ("test", 80), "client": ("test", 1), "root_path": "", "app": app}  # fmt: skip
         await asyncio.wait_for(app(scope, receive, send), 5)  # returns once the client is gone, not after the batch
+        assert batcher.queue_depth == 1  # still queued, its caller gone
         backend.hold.set()
         assert (await busy).status_code == 200
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queue_depth == 0)
         metrics = (await client.get("/metrics")).text
     assert len(backend.sizes) == warm  # the abandoned image never ran
     assert re.search(r'focal_dropped_images_total\{model="focal_tiny-classify",reason="cancelled"\} 1.0', metrics)
@@ -264,21 +283,23 @@ async def test_a_client_that_disconnects_has_its_images_dropped_before_they_run(
 
 async def test_drain_finishes_queued_work_refuses_new_and_closes_the_backend(tmp_path: Path) -> None:
     app, backend = classifier(tmp_path, max_batch_size=2, max_queue_delay_ms=0)
-    backend.delay_s = 0.05
     state = app.state.service
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             await wait_ready(client)
+            backend.hold = threading.Event()
             calls = [
                 asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
                 for _ in range(8)
             ]
-            await asyncio.sleep(0.02)
+            batcher = batcher_of(app)
+            await until(lambda: batcher.queue_depth + batcher.in_flight == 8)  # all queued or running
             state.begin_draining()  # what SIGTERM does first
             ready = await client.get("/readyz")
             late = await client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"})
             assert (await client.get("/healthz")).status_code == 200
+            backend.hold.set()
     # The lifespan's end drained the queue before closing the backend.
     responses = await asyncio.gather(*calls)
     assert [r.status_code for r in responses] == [200] * 8
@@ -372,7 +393,8 @@ async def test_failing_batches_make_the_model_unready_and_a_probe_brings_it_back
         assert ready.status_code == 503
         assert "failing: the last 2 batches failed (RuntimeError: CUDA error" in ready.json()["detail"]
         assert (await client.get("/healthz")).status_code == 200  # not for long enough to restart
-        await asyncio.sleep(0.2)  # probes keep failing meanwhile
+        ran = len(backend.sizes)
+        await until(lambda: len(backend.sizes) >= ran + 2)  # probes ran, and failed
         backend.failing = None  # the device is back; no client sends anything
         await _until(client, "/readyz", 200)
         metrics = (await client.get("/metrics")).text
@@ -402,6 +424,30 @@ async def test_a_stuck_batch_turns_liveness_false_until_it_returns(tmp_path: Pat
         assert (await call).status_code == 200
         assert (await client.get("/healthz")).status_code == 200
     assert "backend stuck" in live.json()["detail"]
+
+
+async def test_shutdown_during_warm_up_leaves_the_running_backend_alone(tmp_path: Path) -> None:
+    """Closing a backend under a running call would free memory in use (TensorRT: a crash)."""
+    app, backend = classifier(tmp_path, drain_timeout_s=0.1)
+    backend.hold = threading.Event()  # the warm-up's first batch does not return
+    async with running_app(app, ready=False):
+        await until(lambda: len(backend.sizes) == 1)
+    assert not backend.closed
+    backend.hold.set()
+
+
+async def test_a_batch_cut_short_by_shutdown_is_not_a_failure(tmp_path: Path) -> None:
+    app, backend = classifier(tmp_path, drain_timeout_s=0.05, failing_after_batches=1)
+    async with running_app(app) as client:
+        backend.hold = threading.Event()
+        call = asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
+        model = app.state.service.models["focal_tiny-classify"]
+        await until(lambda: model.batcher.in_flight == 1)
+    assert_error(app, await call, 503, "unavailable")  # the server shut down under it
+    assert model.health.phase.value == "ready"
+    assert model.health.consecutive_failures == 0
+    assert model._probing is None  # no probe started, none left behind
+    backend.hold.set()
 
 
 # -- start-up checks -----------------------------------------------------------------------------------------

@@ -115,6 +115,16 @@ def test_tensorrt_refuses_an_engine_that_disagrees_with_its_manifest_or_this_mac
     assert not record["malloc"]  # refused before allocating anything
 
 
+def test_tensorrt_without_memory_for_an_execution_context_is_unavailable(tmp_path: Path) -> None:
+    folder, manifest = engine_folder(tmp_path)
+    with (
+        fake_tensorrt_installed(FakeGpu(creates_context=False)) as record,
+        pytest.raises(BackendUnavailable, match=r"could not create an execution context \(GPU memory\?\)"),
+    ):
+        TensorRTBackend(folder, manifest)
+    assert not record["malloc"]
+
+
 def test_tensorrt_frees_what_it_allocated_when_an_allocation_fails(tmp_path: Path) -> None:
     folder, manifest = engine_folder(tmp_path)
     with fake_tensorrt_installed(FakeGpu(fail_malloc_after=1)) as record:
