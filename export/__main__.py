@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="official constructor keywords overriding the variant, e.g. '{\"num_classes\": 10}'",
     )
     p.add_argument("--labels", type=Path, metavar="PATH", help="class names, one per line (default: ImageNet-1K)")
+    p.add_argument(
+        "--model-version",
+        default="1",
+        metavar="V",
+        help="the version the service reports for this model (Open Inference Protocol), default 1",
+    )
     return p
 
 
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         timing_cache=args.timing_cache,
         model_kwargs=args.model_kwargs,
         labels=args.labels,
+        model_version=args.model_version,
     )
     start = time.perf_counter()
     try:

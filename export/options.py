@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ class ExportOptions:
     timing_cache: Path | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     labels: Path | None = None
+    model_version: str = "1"  # what the service reports as the model's version
 
     @property
     def hooks(self) -> ExportTask:
@@ -103,6 +105,8 @@ class ExportOptions:
         ):
             if key in self.model_kwargs:
                 raise ExportError(f"--model-kwargs cannot set {key}: {why}")
+        if not re.fullmatch(r"[0-9A-Za-z._-]{1,64}", self.model_version):
+            raise ExportError(f"--model-version {self.model_version!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if self.labels is not None and not self.labels.is_file():
             raise ExportError(f"--labels {self.labels}: no such file")
         if self.out is not None and self.out.exists() and not self.out.is_dir():

@@ -119,6 +119,8 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
         manifest.versions = package_versions()
         manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+    manifest.model_version = opts.model_version  # a label only: a new version of the same export reuses it
+
     with progress.step("TensorRT engine"):
         try:
             ensure_engine(

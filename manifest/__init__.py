@@ -163,6 +163,9 @@ class _ManifestBase(_Strict):
     format_version: Literal[2] = FORMAT_VERSION
     variant: str
     official_name: str | None
+    model_version: str = Field(
+        "1", pattern=r"^[0-9A-Za-z._-]{1,64}$", description="the version the service reports (Open Inference Protocol)"
+    )
     input_size: tuple[int, int] = Field(description="(height, width) of the model input")
     num_classes: int = Field(ge=1)
     random_init: bool = Field(description="true when any part of the model is untrained")

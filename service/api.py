@@ -1,17 +1,16 @@
 """Generic request handling, the same for every task, and the routes that are not a task's:
 health probes, /v1/models, /metrics.
 
-A task's route (`service.tasks`) does: `serving_model` (which model, or 404/503), its own
-parameter checks, `run_images` (admission, reading the body, decoding and the task's
-transform in the thread pool, inference through the batcher with the request's
-deadline), then its own post-processing and response.
+A task's route (`service.tasks`) does: `state.model_for_task(...).lease()` (which model, or
+404/503), its own parameter checks, `run_images` (reading the body, then `service.inference`:
+admission, decoding and the task's transform in the thread pool, inference through the batcher
+with the request's deadline), then its own post-processing and response.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+import functools
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
@@ -19,9 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from service import errors
-from service.batcher import BackendError, DeadlineExceeded, Draining, QueueFull
-from service.images import ImageError, ImageTooLarge, decode_with_size
+from service import errors, inference
 from service.schemas import ErrorResponse, Health, ModelsResponse
 from service.state import ServiceState
 
@@ -78,49 +75,20 @@ async def _state(request: Request) -> ServiceState:  # async: FastAPI would run 
 State = Annotated[ServiceState, Depends(_state)]
 
 
-def serving_model(state: ServiceState, task: str) -> ServedModel:
-    """The model of `task`; 503 while it loads (or if it failed to) or the server drains; 404 when none was
-    configured."""
-    retry = {"Retry-After": str(state.settings.retry_after_s)}
-    if state.draining:
-        raise errors.Unavailable("the server is shutting down", headers=retry)
-    model = state.by_task(task)
-    if model is not None:
-        return model
-    if not state.serves(task):
-        raise errors.NotFound(f"no {task} model is loaded on this server")
-    if state.failed:
-        raise errors.Unavailable(f"the {task} model is not available (loading failed: {state.failed})", headers=retry)
-    raise errors.Unavailable(f"the {task} model is still loading", headers=retry)
-
-
 async def run_images(
     request: Request, state: ServiceState, model: ServedModel
 ) -> tuple[list[Placed], list[np.ndarray]]:
     """The request's images, each through the task's transform and the model: (placed, output) pairs in order."""
-    _admit(state, model)
+    inference.admit(state, model)
     blobs = await _read_images(request, state.settings.max_images_per_request)
-    placed = await _prepare(state, model, blobs)
-    outputs = await _infer(state, model, [p.pixels for p in placed], request)
-    return placed, outputs
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-async def off_loop(state: ServiceState, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """`work` over `items` in the thread pool (post-processing that would block the event loop)."""
-    loop = asyncio.get_running_loop()
-    return list(await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, work, item) for item in items)))
-
-
-def _admit(state: ServiceState, model: ServedModel) -> None:
-    """Refuse before reading or decoding anything when the model's queue is already full."""
-    if model.batcher.queue_depth >= state.settings.max_queue_size:
-        raise errors.Overloaded(
-            f"the queue of {model.name} is full", headers={"Retry-After": str(state.settings.retry_after_s)}
+    placed = await inference.prepare(state, model, blobs)
+    try:
+        outputs = await inference.infer(
+            state, model, [p.pixels for p in placed], gone=functools.partial(client_gone, request)
         )
+    except inference.ClientGone:
+        raise ClientDisconnect() from None
+    return placed, outputs
 
 
 async def _read_images(request: Request, limit: int) -> list[bytes]:
@@ -146,62 +114,10 @@ async def _read_images(request: Request, limit: int) -> list[bytes]:
     )
 
 
-async def _prepare(state: ServiceState, model: ServedModel, blobs: list[bytes]) -> list[Placed]:
-    """Decode + the task's transform for every image in the thread pool; one bad image fails this request."""
-    transform, max_pixels = model.transform, state.settings.max_pixels
-
-    def one(data: bytes) -> Placed:
-        image, full_size = decode_with_size(data, max_pixels, draft_short_side=transform.draft_short_side)
-        return transform.to_canvas(image, full_size)
-
-    loop = asyncio.get_running_loop()
-    results = await asyncio.gather(
-        *(loop.run_in_executor(state.preprocess_pool, one, data) for data in blobs), return_exceptions=True
-    )
-    placed: list[Placed] = []
-    for i, result in enumerate(results):
-        where = f"image {i + 1} of {len(blobs)}: " if len(blobs) > 1 else ""
-        if isinstance(result, ImageTooLarge):
-            raise errors.PayloadTooLarge(where + str(result))
-        if isinstance(result, ImageError):
-            raise errors.BadImage(where + str(result))
-        if isinstance(result, BaseException):
-            raise result
-        placed.append(result)
-    return placed
-
-
-async def _client_gone(request: Request) -> None:
+async def client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _infer(
-    state: ServiceState, model: ServedModel, samples: list[np.ndarray], request: Request
-) -> list[np.ndarray]:
-    timeout = state.settings.request_timeout_s
-    retry = {"Retry-After": str(state.settings.retry_after_s)}
-    tasks = [asyncio.ensure_future(model.batcher.submit(sample, timeout)) for sample in samples]
-    results = asyncio.ensure_future(asyncio.gather(*tasks))
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not results.done():  # nobody to answer: take the images out of the queue
-            raise ClientDisconnect()
-        return list(results.result())
-    except QueueFull as exc:
-        raise errors.Overloaded(str(exc), headers=retry) from exc
-    except Draining as exc:
-        raise errors.Unavailable(str(exc), headers=retry) from exc
-    except DeadlineExceeded as exc:
-        raise errors.Timeout(str(exc)) from exc
-    except BackendError as exc:
-        raise errors.BackendFailed(f"inference failed: {exc}") from exc
-    finally:
-        gone.cancel()
-        for task in tasks:  # a failed sibling or a vanished client: drop the rest from the queue
-            task.cancel()
 
 
 # -- the routes that are not a task's ----------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Models are checked when the app is created (a bad folder fails at once), then
 loaded and warmed up in the background after start-up, so `/healthz` answers
-and `/readyz` says 503 ("loading") meanwhile. On shutdown each model drains its
-queue within the drain budget and closes its backend.
+and `/readyz` says 503 ("loading") meanwhile. The Open Inference Protocol's gRPC
+server (`service.v2.grpc_service`) runs in the same event loop, on its own port.
+On shutdown the gRPC server finishes its calls, then each model drains its queue
+within the drain budget and closes its backend.
 """
 
 from __future__ import annotations
@@ -39,24 +41,32 @@ from service.models import (
     ServedModel,
     check_model_folder,
     health_policy,
+    split_model_spec,
 )
+from service.repository import announce
 from service.settings import Settings
 from service.state import ServiceState
 from service.tasks import TASKS
+from service.v2.grpc_service import start_grpc
+from service.v2.rest import router as v2_routes
 
 log = logging.getLogger("focal.service")
 
 
-def check_model_folders(folders: list[Path]) -> list[ModelFolder]:
-    """Fail fast on folders that cannot be served (before anything is loaded)."""
-    if not folders:
+def check_model_folders(specs: list[Path]) -> list[ModelFolder]:
+    """Fail fast on folders that cannot be served (before anything is loaded). Each spec is `DIR` or
+    `NAME=DIR`; names must differ."""
+    if not specs:
         raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
     checked: list[ModelFolder] = []
-    for folder in folders:
-        model = check_model_folder(folder)
-        same = [c.folder for c in checked if c.manifest.task == model.manifest.task]
+    for spec in specs:
+        name, folder = split_model_spec(spec)
+        model = check_model_folder(folder, name)
+        same = [c.folder for c in checked if c.name == model.name]
         if same:
-            raise ModelLoadError(f"{folder} and {same[0]} both serve task {model.manifest.task!r}; give one per task")
+            raise ModelLoadError(
+                f"{folder} and {same[0]} would both be served as {model.name!r}; name one with --model NAME=DIR"
+            )
         checked.append(model)
     return checked
 
@@ -69,11 +79,13 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
         metrics=Metrics(),
         preprocess_pool=ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
         planned=check_model_folders(settings.models),
+        backends=backends,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load_models(state, backends), name="load-models")
+        loader = asyncio.create_task(_load_models(state), name="load-models")
+        grpc_server = await start_grpc(state) if settings.grpc_port else None
         try:
             yield
         finally:
@@ -81,6 +93,10 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
+            if grpc_server is not None:  # its running calls finish (they hold leases on the models)
+                await grpc_server.stop(state.drain_remaining())
+            if state.retiring:  # replaced or unloaded models finishing their last requests
+                await asyncio.wait(state.retiring, timeout=state.drain_remaining())
             remaining = state.drain_remaining()  # the models drain side by side, within one budget
             closed = await asyncio.gather(*(m.close(remaining) for m in state.models.values()), return_exceptions=True)
             for model, outcome in zip(state.models.values(), closed, strict=True):
@@ -102,17 +118,18 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
     app.include_router(common_routes)
     for task in TASKS.values():
         app.include_router(task.router)
+    app.include_router(v2_routes)
     return app
 
 
-async def _load_models(state: ServiceState, backends: BackendLoader | None) -> None:
+async def _load_models(state: ServiceState) -> None:
     """Load and warm up every model in turn; a failure leaves the server failed (not ready, not live)."""
     loop = asyncio.get_running_loop()
     for planned in state.planned:
         health = ModelHealth(health_policy(state.settings))
         try:
             model = await loop.run_in_executor(
-                None, ServedModel.load, planned, state.settings, state.metrics, health, backends
+                None, ServedModel.load, planned, state.settings, state.metrics, health, state.backends
             )
             state.models[model.name] = model
             await model.warm_up()
@@ -123,19 +140,7 @@ async def _load_models(state: ServiceState, backends: BackendLoader | None) -> N
             state.failed = f"{planned.name}: {type(exc).__name__}: {exc}"
             log.error("loading %s from %s failed: %s", planned.name, planned.folder, state.failed)
             return
-        info = model.info()
-        state.metrics.model_info.labels(
-            model.name, info["variant"], info["task"], info["backend"], info["device"], info["precision"],
-            info["weights"],
-        ).set(1)  # fmt: skip
-        log.info(
-            "serving %s from %s",
-            model.name,
-            planned.folder,
-            extra={"fields": {"backend": info["backend"], "device": info["device"], "weights": info["weights"]}},
-        )
-        if model.random_init:
-            log.warning("%s has RANDOM-INIT weights: its predictions are meaningless", model.name)
+        announce(state, model)
     state.loading = False
 
 
@@ -150,6 +155,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        protocol = "v2-http" if is_v2(scope["path"]) else "http"
         request_id = headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
@@ -178,15 +184,15 @@ class RequestContextMiddleware:
             length = headers.get("content-length", "")
             if has_body and length.isdigit() and int(length) > limit:  # refused before reading a byte of it
                 error = errors.PayloadTooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
-                await JSONResponse(error.body(request_id), status_code=error.status)(scope, receive, send_with_id)
+                await render_error(scope["path"], error, request_id)(scope, receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in KNOWN_PATHS else "unmatched")
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(seconds)
+            self.metrics.requests.labels(protocol, endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(protocol, endpoint).observe(seconds)
             if endpoint not in ("/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
                 log.info(
                     "%s %s %d",
@@ -198,9 +204,19 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+def is_v2(path: str) -> bool:
+    """The Open Inference Protocol's routes (whose errors are `{"error": "..."}`)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def render_error(path: str, error: errors.ServiceError, request_id: str) -> JSONResponse:
+    """An error in the shape of the route's protocol; the same status either way."""
+    body = {"error": error.message} if is_v2(path) else error.body(request_id)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
 def error_response(request: Request, error: errors.ServiceError) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", "")
-    return JSONResponse(error.body(request_id), status_code=error.status, headers=error.headers)
+    return render_error(request.url.path, error, getattr(request.state, "request_id", ""))
 
 
 def _add_error_handlers(app: FastAPI) -> None:

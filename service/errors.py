@@ -17,6 +17,18 @@ class ServiceError(Exception):
         return {"error": {"code": self.code, "message": self.message, "request_id": request_id}}
 
 
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
 class BadImage(ServiceError):
     status, code = 400, "bad_image"
 

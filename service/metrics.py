@@ -18,11 +18,18 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # protocol: "http" (this service's own API), "v2-http" or "v2-grpc" (the Open Inference Protocol);
+        # code: the HTTP status, or the gRPC status name
         self.requests = Counter(
-            "focal_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=r
-        )
+            "focal_requests", "requests by protocol, endpoint and status code", ["protocol", "endpoint", "code"],
+            registry=r,
+        )  # fmt: skip
         self.request_seconds = Histogram(
-            "focal_request_duration_seconds", "request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+            "focal_request_duration_seconds",
+            "request latency",
+            ["protocol", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
             "focal_queue_wait_seconds",
@@ -49,7 +56,7 @@ class Metrics:
         self.model_info = Gauge(
             "focal_model_info",
             "the loaded models (value 1)",
-            ["model", "variant", "task", "backend", "device", "precision", "weights"],
+            ["model", "version", "variant", "task", "backend", "device", "precision", "weights"],
             registry=r,
         )
 

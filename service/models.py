@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,34 +36,57 @@ class ModelLoadError(Exception):
     """An export folder cannot be served (the message says why)."""
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 @dataclass(frozen=True)
 class ModelFolder:
-    """An export folder that passed the start-up checks."""
+    """An export folder that passed the start-up checks, and the name it is served under."""
 
     folder: Path
     manifest: Manifest
     labels: list[str]
+    name: str
 
     @property
-    def name(self) -> str:
-        return f"{self.manifest.variant}-{self.manifest.task}"
+    def version(self) -> str:
+        return self.manifest.model_version
 
 
-def check_model_folder(folder: Path) -> ModelFolder:
+def default_model_name(manifest: Manifest) -> str:
+    """The variant for a classifier (`focal_tiny`); a detector adds its architecture (`focal_tiny_retinanet`)."""
+    return manifest.variant if manifest.task == "classify" else f"{manifest.variant}_retinanet"
+
+
+def split_model_spec(spec: str | Path) -> tuple[str | None, Path]:
+    """`NAME=DIR` -> (NAME, DIR); a plain `DIR` -> (None, DIR): the name then comes from the manifest."""
+    text = str(spec)
+    name, sep, rest = text.partition("=")
+    if sep and not Path(text).exists():  # a folder whose name holds "=" is still a folder
+        return name, Path(rest)
+    return None, Path(text)
+
+
+def check_model_folder(folder: Path, name: str | None = None) -> ModelFolder:
     """The folder's manifest and labels, if it can be served; otherwise `ModelLoadError` saying why.
 
-    Cheap (no hashing): run at start-up for every folder, before anything is loaded."""
+    Cheap (no hashing): run at start-up for every folder, before anything is loaded, and before a
+    repository load. `name`: what to serve it as (default: `default_model_name`)."""
+    if name is not None and not MODEL_NAME.match(name):
+        raise ModelLoadError(
+            f"model name {name!r}: use 1-64 letters, digits, '_', '.' or '-' (a letter or digit first)"
+        )
     try:
         manifest = read_manifest(folder)
     except ManifestError as exc:
         raise ModelLoadError(str(exc)) from None
-    for name in (*manifest.onnx_names, manifest.labels):
-        if not (folder / name).is_file():
-            raise ModelLoadError(f"{folder}: {name} is missing")
+    for file in (*manifest.onnx_names, manifest.labels):
+        if not (folder / file).is_file():
+            raise ModelLoadError(f"{folder}: {file} is missing")
     labels = (folder / manifest.labels).read_text().splitlines()
     if len(labels) != manifest.num_classes:
         raise ModelLoadError(f"{folder}: {len(labels)} labels for {manifest.num_classes} classes")
-    return ModelFolder(folder, manifest, labels)
+    return ModelFolder(folder, manifest, labels, name or default_model_name(manifest))
 
 
 BackendLoader = Callable[[ModelFolder, Settings], Backend]
@@ -94,7 +118,7 @@ class ServedModel:
     def __init__(
         self, checked: ModelFolder, backend: Backend, settings: Settings, metrics: Metrics, health: ModelHealth
     ) -> None:
-        self.name, self.folder = checked.name, checked.folder
+        self.name, self.version, self.folder = checked.name, checked.version, checked.folder
         self.manifest, self.labels = checked.manifest, checked.labels
         self.task: ServiceTask = TASKS[checked.manifest.task]
         self.transform: Transform = self.task.transform(checked.manifest)
@@ -110,6 +134,7 @@ class ServedModel:
         self.warmup_seconds: float | None = None
         self._probing: asyncio.Task[None] | None = None
         self._closing = False
+        self.leases = 0  # requests using this model now (a replaced model closes when the last one ends)
 
     @classmethod
     def load(
@@ -132,6 +157,7 @@ class ServedModel:
         m = self.manifest
         return {
             "name": self.name,
+            "version": self.version,
             "variant": m.variant,
             "task": m.task,
             "input_size": list(m.input_size),
@@ -151,6 +177,16 @@ class ServedModel:
     def synthetic_batch(self, size: int) -> np.ndarray:
         """Zeros in the input's shape: the mean image after normalisation (warm-up and probes)."""
         return np.zeros((size, *self.manifest.input.sample_shape), dtype=np.float32)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[ServedModel]:
+        """Held by a request from the moment it picks this model until it is answered, so a model
+        replaced or unloaded meanwhile finishes that request before it closes (`retire`)."""
+        self.leases += 1
+        try:
+            yield self
+        finally:
+            self.leases -= 1
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def warm_up(self) -> None:
@@ -196,6 +232,19 @@ class ServedModel:
                 continue
             self.metrics.probes.labels(self.name, "recovered").inc()
         log.info("%s recovered: ready again", self.name)
+
+    async def retire(self, drain_timeout_s: float) -> None:
+        """Close a model that new requests no longer reach (replaced or unloaded): wait for the
+        requests that hold it (up to the timeout), then `close`."""
+        end = time.monotonic() + drain_timeout_s
+        while self.leases and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self.leases:
+            log.warning(
+                "%s: %d requests still running after %g s; closing anyway", self.name, self.leases, drain_timeout_s
+            )
+        await self.close(max(0.0, end - time.monotonic()))
+        log.info("closed %s version %s", self.name, self.version)
 
     async def close(self, drain_timeout_s: float) -> None:
         """Finish queued work (up to the timeout), stop the batcher and the probes, free the backend."""

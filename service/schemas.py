@@ -7,7 +7,8 @@ from pydantic import BaseModel, Field
 
 
 class ModelInfo(BaseModel):
-    name: str
+    name: str = Field(description="what the Open Inference Protocol addresses it by (/v2/models/{name})")
+    version: str
     variant: str
     task: str
     input_size: list[int]

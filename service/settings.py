@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendChoice = Literal["auto", "tensorrt", "onnxruntime", "torch"]
@@ -18,10 +18,20 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FOCAL_", extra="forbid")
 
     models: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="export folders (python -m export output), comma-separated"
+        default_factory=list,
+        description="export folders (python -m export output), comma-separated; NAME=DIR serves one as NAME "
+        "(default: its variant, e.g. focal_tiny, or focal_tiny_retinanet for a detector)",
     )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC (KServe v2); 0 turns it off"
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="bearer token of the model repository API (load/unload models); unset: that API is off",
+    )
     backend: BackendChoice = Field("auto", description="auto: TensorRT engine if usable, else onnxruntime")
     max_batch_size: int | None = Field(None, ge=1, description="default: the export's max batch")
     max_queue_delay_ms: float | None = Field(
@@ -62,6 +72,11 @@ class Settings(BaseSettings):
         if self.max_queue_delay_ms is not None:
             return self.max_queue_delay_ms
         return 0.0 if device == "cpu" else GPU_QUEUE_DELAY_MS
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("models", mode="before")
     @classmethod

@@ -1,19 +1,22 @@
 """What the routes share, on `app.state.service`: settings, metrics, the thread pool, the models
-(planned at start-up, served once loaded) and the server's readiness and liveness."""
+(planned at start-up, served once loaded, replaced or unloaded through the model repository
+API), which model a request gets, and the server's readiness and liveness."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from service import errors
 from service.metrics import Metrics
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.models import ModelFolder, ServedModel
+    from service.models import BackendLoader, ModelFolder, ServedModel
 
 log = logging.getLogger("focal.service")
 
@@ -24,7 +27,11 @@ class ServiceState:
     metrics: Metrics
     preprocess_pool: ThreadPoolExecutor
     planned: list[ModelFolder]  # checked at start-up, in load order
+    backends: BackendLoader | None = None  # builds a model's backend (None: what the settings and machine call for)
     models: dict[str, ServedModel] = field(default_factory=dict)  # backend built (then warming up, ready, failing)
+    repository: dict[str, ModelFolder] = field(default_factory=dict)  # every name this server knows, and its folder
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)  # replaced or unloaded models, finishing up
+    repository_locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # one load or unload per name at a time
     loading: bool = True
     failed: str | None = None  # a model could not be loaded or warmed up
     draining: bool = False
@@ -42,13 +49,51 @@ class ServiceState:
             return self.settings.drain_timeout_s
         return max(0.0, self.drain_deadline - time.monotonic())
 
-    def serves(self, task: str) -> bool:
-        """Whether this server was started with a model of this task (loaded yet or not)."""
-        return any(p.manifest.task == task for p in self.planned)
+    def __post_init__(self) -> None:
+        self.repository = {p.name: p for p in self.planned}
 
-    def by_task(self, task: str) -> ServedModel | None:
-        """The model serving this task, once it may take requests."""
-        return next((m for m in self.models.values() if m.task.name == task and m.health.serving), None)
+    def _unavailable(self, what: str) -> errors.ServiceError:
+        """503 while the server starts (or failed to), with Retry-After."""
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        if self.failed:
+            return errors.Unavailable(f"{what} is not available (loading failed: {self.failed})", headers=retry)
+        return errors.Unavailable(f"{what} is still loading", headers=retry)
+
+    def _check_draining(self) -> None:
+        if self.draining:
+            raise errors.Unavailable(
+                "the server is shutting down", headers={"Retry-After": str(self.settings.retry_after_s)}
+            )
+
+    def model_for_task(self, task: str) -> ServedModel:
+        """The first model (in start-up order, then load order) of `task` that may take requests;
+        503 while the server drains or while such a model loads; 404 when there is none."""
+        self._check_draining()
+        candidates = [m for m in self.models.values() if m.task.name == task]
+        for model in candidates:
+            if model.health.serving:
+                return model
+        if candidates or ((self.loading or self.failed) and any(p.manifest.task == task for p in self.planned)):
+            raise self._unavailable(f"the {task} model")
+        raise errors.NotFound(f"no {task} model is loaded on this server")
+
+    def model_named(self, name: str, version: str | None = None) -> ServedModel:
+        """The model served as `name` (and `version`, when given); 404 when it is not loaded, 503 while it
+        loads or the server drains."""
+        self._check_draining()
+        model = self.models.get(name)
+        if model is None:
+            if (self.loading or self.failed) and any(p.name == name for p in self.planned):
+                raise self._unavailable(f"model {name}")
+            raise errors.NotFound(f"model {name!r} is not loaded on this server")
+        if version is not None and version != model.version:
+            raise errors.NotFound(f"model {name!r} version {version!r} is not loaded (version {model.version} is)")
+        if not model.health.serving:
+            raise errors.Unavailable(
+                f"model {name} is {model.health.phase.value}",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        return model
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:

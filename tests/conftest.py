@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from export.options import ExportOptions
 from export.pipeline import run_export
 from manifest import ClassifyManifest, DetectManifest
 from tests.support import CLASSIFIER_KEYS, micro_kwargs
+
+# Apps made in tests (and the servers they start) open no gRPC port unless a test asks for one:
+# the default 8001 would collide between tests and with anything else on the machine.
+os.environ["FOCAL_GRPC_PORT"] = "0"
 
 DETECT_CANVAS = (128, 128)
 HORSE = 17  # the class the constructed detector finds everywhere

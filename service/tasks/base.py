@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from fastapi import APIRouter
 from PIL import Image
 
 from manifest import Manifest
+
+if TYPE_CHECKING:
+    from service.models import ServedModel
 
 
 class Placed(Protocol):
@@ -32,8 +35,37 @@ class Transform(Protocol):
 
 
 @dataclass(frozen=True)
+class TensorMeta:
+    """A tensor as the Open Inference Protocol's model metadata lists it (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ProtocolOutputs(Protocol):
+    """A task's outputs in the Open Inference Protocol (`service.v2`): named tensors per image."""
+
+    def outputs(self, manifest: Manifest) -> list[TensorMeta]:
+        """What the model metadata lists, in order."""
+        ...
+
+    def parameters(self, model: ServedModel, parameters: Mapping[str, Any]) -> Any:
+        """The request's task parameters, checked before anything runs (`errors.InvalidParameter`)."""
+        ...
+
+    def finish(
+        self, model: ServedModel, row: np.ndarray, placed: Placed | None, parameters: Any
+    ) -> dict[str, np.ndarray]:
+        """One image's model output -> its value of every output (without the batch axis). `placed` is
+        None when the request sent the model input itself (no image to map results back to)."""
+        ...
+
+
+@dataclass(frozen=True)
 class ServiceTask:
     name: str  # the manifest's `task`
     path: str  # the task's route
     router: APIRouter
     transform: Callable[[Manifest], Transform]
+    protocol: ProtocolOutputs

@@ -9,8 +9,9 @@ no inverse to apply.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -19,9 +20,12 @@ from pydantic import BaseModel, Field
 
 from manifest import CropPreprocess, Manifest
 from service import errors
-from service.api import State, image_route, run_images, serving_model
+from service.api import State, image_route, run_images
 from service.schemas import ModelInfo
-from service.tasks.base import ServiceTask
+from service.tasks.base import Placed, ServiceTask, TensorMeta
+
+if TYPE_CHECKING:
+    from service.models import ServedModel
 
 
 @dataclass(frozen=True)
@@ -111,12 +115,31 @@ async def classify(
     state: State,
     top_k: Annotated[int, Query(ge=1, description="predictions per image (1..num_classes)")] = 5,
 ) -> dict[str, Any]:
-    model = serving_model(state, "classify")
-    if top_k > len(model.labels):
-        raise errors.InvalidParameter(f"top_k: must be at most the number of classes ({len(model.labels)})")
-    _, outputs = await run_images(request, state, model)
-    results = [{"predictions": top_predictions(logits, model.labels, top_k)} for logits in outputs]
-    return {"model": model.info(), "results": results}
+    with state.model_for_task("classify").lease() as model:
+        if top_k > len(model.labels):
+            raise errors.InvalidParameter(f"top_k: must be at most the number of classes ({len(model.labels)})")
+        _, outputs = await run_images(request, state, model)
+        results = [{"predictions": top_predictions(logits, model.labels, top_k)} for logits in outputs]
+        return {"model": model.info(), "results": results}
 
 
-TASK = ServiceTask(name="classify", path="/classify", router=router, transform=_transform)
+class ClassifyOutputs:
+    """Open Inference Protocol outputs: the logits and their softmax, [N, classes] each."""
+
+    def outputs(self, manifest: Manifest) -> list[TensorMeta]:
+        return [
+            TensorMeta("logits", "FP32", [-1, manifest.num_classes]),
+            TensorMeta("probabilities", "FP32", [-1, manifest.num_classes]),
+        ]
+
+    def parameters(self, model: ServedModel, parameters: Mapping[str, Any]) -> None:
+        return None
+
+    def finish(
+        self, model: ServedModel, row: np.ndarray, placed: Placed | None, parameters: Any
+    ) -> dict[str, np.ndarray]:
+        logits = np.asarray(row, dtype=np.float32)
+        return {"logits": logits, "probabilities": softmax(logits.astype(np.float64)).astype(np.float32)}
+
+
+TASK = ServiceTask(name="classify", path="/classify", router=router, transform=_transform, protocol=ClassifyOutputs())

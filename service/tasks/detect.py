@@ -18,8 +18,9 @@ Ties are broken by row order (a stable sort), so results are deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -28,11 +29,16 @@ from pydantic import BaseModel, Field
 
 from manifest import DetectionPostprocess, LetterboxPreprocess, Manifest
 from service import errors
-from service.api import State, image_route, off_loop, run_images, serving_model
+from service.api import State, image_route, run_images
+from service.inference import off_loop
 from service.schemas import ModelInfo
-from service.tasks.base import ServiceTask
+from service.tasks.base import Placed, ServiceTask, TensorMeta
+
+if TYPE_CHECKING:
+    from service.models import ServedModel
 
 Box = tuple[float, float, float, float, float, int]  # x1, y1, x2, y2, score, class_id
+DEFAULT_SCORE_THRESHOLD = 0.3  # what a request that names none keeps (the export's own floor is lower)
 
 
 @dataclass(frozen=True)
@@ -225,31 +231,78 @@ async def detect(
     state: State,
     score_threshold: Annotated[
         float, Query(ge=0.0, le=1.0, description="keep detections scoring above this (the export's 0.05 at least)")
-    ] = 0.3,
+    ] = DEFAULT_SCORE_THRESHOLD,
     max_detections: Annotated[
         int | None, Query(ge=1, description="detections per image (default and most: the export's, 100)")
     ] = None,
 ) -> dict[str, Any]:
-    model = serving_model(state, "detect")
-    assert model.manifest.task == "detect"  # the registry routes by task
-    settings = model.manifest.detection.postprocess
-    if max_detections is not None and max_detections > settings.max_detections:
-        raise errors.InvalidParameter(f"max_detections: must be at most {settings.max_detections}")
-    placed, outputs = await run_images(request, state, model)
+    with state.model_for_task("detect").lease() as model:
+        assert model.manifest.task == "detect"  # the registry routes by task
+        settings = model.manifest.detection.postprocess
+        if max_detections is not None and max_detections > settings.max_detections:
+            raise errors.InvalidParameter(f"max_detections: must be at most {settings.max_detections}")
+        placed, outputs = await run_images(request, state, model)
 
-    def finish(item: tuple[np.ndarray, Any]) -> dict[str, Any]:
-        rows, image = item
-        found = postprocess(rows, image, settings, score_threshold, max_detections)
-        return {
-            "detections": [
-                {"class_id": c, "label": model.labels[c], "score": score, "box": [x1, y1, x2, y2]}
-                for x1, y1, x2, y2, score, c in found
-            ],
-            "image_size": list(image.image_size),
-        }
+        def finish(item: tuple[np.ndarray, Any]) -> dict[str, Any]:
+            rows, image = item
+            found = postprocess(rows, image, settings, score_threshold, max_detections)
+            return {
+                "detections": [
+                    {"class_id": c, "label": model.labels[c], "score": score, "box": [x1, y1, x2, y2]}
+                    for x1, y1, x2, y2, score, c in found
+                ],
+                "image_size": list(image.image_size),
+            }
 
-    results = await off_loop(state, finish, list(zip(outputs, placed, strict=True)))
-    return {"model": model.info(), "results": results}
+        results = await off_loop(state, finish, list(zip(outputs, placed, strict=True)))
+        return {"model": model.info(), "results": results}
 
 
-TASK = ServiceTask(name="detect", path="/detect", router=router, transform=_transform)
+@dataclass(frozen=True)
+class _Limits:
+    score_threshold: float
+    max_detections: int
+
+
+class DetectOutputs:
+    """Open Inference Protocol outputs: `detections` FP32 [N, max_detections, 6], rows of (x1, y1, x2,
+    y2, score, class_id) after NMS, best first, zero rows after the first `num_detections` INT32 [N].
+
+    Boxes are in the original image's pixels for an image sent as bytes, in canvas pixels for a
+    canvas sent as the model input. Request parameters `score_threshold` (default 0.3) and
+    `max_detections` (default and most: the export's) mean what they mean for `/detect`."""
+
+    def outputs(self, manifest: Manifest) -> list[TensorMeta]:
+        assert manifest.task == "detect"
+        rows = manifest.detection.postprocess.max_detections
+        return [TensorMeta("detections", "FP32", [-1, rows, 6]), TensorMeta("num_detections", "INT32", [-1])]
+
+    def parameters(self, model: ServedModel, parameters: Mapping[str, Any]) -> _Limits:
+        assert model.manifest.task == "detect"
+        most = model.manifest.detection.postprocess.max_detections
+        threshold = parameters.get("score_threshold", DEFAULT_SCORE_THRESHOLD)
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+            raise errors.InvalidParameter("score_threshold: must be a number from 0 to 1")
+        limit = parameters.get("max_detections", most)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= most:
+            raise errors.InvalidParameter(f"max_detections: must be an integer from 1 to {most}")
+        return _Limits(float(threshold), limit)
+
+    def finish(
+        self, model: ServedModel, row: np.ndarray, placed: Placed | None, parameters: Any
+    ) -> dict[str, np.ndarray]:
+        assert model.manifest.task == "detect"
+        assert isinstance(parameters, _Limits)
+        settings = model.manifest.detection.postprocess
+        if placed is None:  # the canvas itself: boxes stay in canvas pixels
+            height, width = model.manifest.preprocess.canvas
+            placed = Letterboxed(np.empty(0, np.float32), (width, height), (width, height), (1.0, 1.0))
+        assert isinstance(placed, Letterboxed)
+        found = postprocess(row, placed, settings, parameters.score_threshold, parameters.max_detections)
+        detections = np.zeros((settings.max_detections, 6), dtype=np.float32)
+        if found:
+            detections[: len(found)] = np.asarray(found, dtype=np.float64)
+        return {"detections": detections, "num_detections": np.asarray(len(found), dtype=np.int32)}
+
+
+TASK = ServiceTask(name="detect", path="/detect", router=router, transform=_transform, protocol=DetectOutputs())

@@ -42,7 +42,7 @@ PNG = encode(photo(seed=2), "PNG")
 
 
 def batcher_of(app: FastAPI) -> DynamicBatcher:
-    batcher: DynamicBatcher = app.state.service.models["focal_tiny-classify"].batcher
+    batcher: DynamicBatcher = app.state.service.models["focal_tiny"].batcher
     return batcher
 
 
@@ -166,16 +166,19 @@ async def test_request_ids_are_honoured_and_unknown_routes_answer_json(both: tup
 
 
 def test_every_route_declares_every_status_it_can_answer(tmp_path: Path) -> None:
-    """The image routes can answer every error the service defines (`service.errors`); every route can
-    answer 500 should a bug surface. (499, for a client that is gone, is logged and reaches nobody.)"""
+    """The image routes (and v2 inference) can answer every error the service defines (`service.errors`)
+    but the model repository's (401, 403); every route can answer 500 should a bug surface. (499, for a
+    client that is gone, is logged and reaches nobody.)"""
     app, _ = classifier(tmp_path)
     defined = {
         cls.status for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.ServiceError)
     }
-    image_statuses = {200} | defined
+    image_statuses = {200} | defined - {401, 403}
     assert image_statuses == {200, 400, 404, 413, 415, 422, 429, 500, 503, 504}
     assert _declared(app, "POST", "/classify") == image_statuses
     assert _declared(app, "POST", "/detect") == image_statuses
+    assert _declared(app, "POST", "/v2/models/{name}/infer") == image_statuses
+    assert _declared(app, "POST", "/v2/repository/models/{name}/load") == {200, 400, 401, 403, 404, 422, 500, 503}
     assert _declared(app, "GET", "/healthz") == _declared(app, "GET", "/readyz") == {200, 500, 503}
     assert _declared(app, "GET", "/v1/models") == _declared(app, "GET", "/metrics") == {200, 500}
     schema = app.openapi()
@@ -221,8 +224,8 @@ async def test_concurrent_requests_are_batched_and_the_metrics_show_it(tmp_path:
         metrics = (await client.get("/metrics")).text
     assert [r.status_code for r in responses] == [200] * 12
     assert max(backend.sizes[-4:]) == 4  # max_batch_size, from the backend's profile
-    images = float(re.findall(r'focal_batch_images_total\{model="focal_tiny-classify"\} (\S+)', metrics)[0])
-    batches = float(re.findall(r'focal_batch_size_count\{model="focal_tiny-classify"\} (\S+)', metrics)[0])
+    images = float(re.findall(r'focal_batch_images_total\{model="focal_tiny"\} (\S+)', metrics)[0])
+    batches = float(re.findall(r'focal_batch_size_count\{model="focal_tiny"\} (\S+)', metrics)[0])
     assert (images, batches) == (12, len(backend.sizes) - 3)  # warm-up (3 batches) goes around the batcher
     assert batches < 12
 
@@ -242,7 +245,7 @@ async def test_a_request_past_its_deadline_gets_504_and_never_runs(tmp_path: Pat
         await until(lambda: batcher.queue_depth == 0)  # the worker reached the late image (and dropped it)
         metrics = (await client.get("/metrics")).text
     assert len(backend.sizes) == warm + 1  # the first request; the late one never ran
-    dropped = re.findall(r'focal_dropped_images_total\{model="focal_tiny-classify",reason="\w+"\} (\S+)', metrics)
+    dropped = re.findall(r'focal_dropped_images_total\{model="focal_tiny",reason="\w+"\} (\S+)', metrics)
     assert sum(float(n) for n in dropped) == 1
 
 
@@ -279,7 +282,7 @@ async def test_a_client_that_disconnects_has_its_images_dropped_before_they_run(
         await until(lambda: batcher.queue_depth == 0)
         metrics = (await client.get("/metrics")).text
     assert len(backend.sizes) == warm  # the abandoned image never ran
-    assert re.search(r'focal_dropped_images_total\{model="focal_tiny-classify",reason="cancelled"\} 1.0', metrics)
+    assert re.search(r'focal_dropped_images_total\{model="focal_tiny",reason="cancelled"\} 1.0', metrics)
 
 
 async def test_drain_finishes_queued_work_refuses_new_and_closes_the_backend(tmp_path: Path) -> None:
@@ -331,7 +334,7 @@ async def test_while_loading_readiness_is_503_requests_503_and_liveness_200(tmp_
     assert_error(app, early, 503, "unavailable")
     assert "still loading" in early.json()["error"]["message"]
     assert models[0] | {"warmup_seconds": None} == models[0] | {
-        "name": "focal_tiny-classify", "task": "classify", "backend": "fake", "ready": True, "status": "ready",
+        "name": "focal_tiny", "task": "classify", "backend": "fake", "ready": True, "status": "ready",
         "weights": "random-init", "random_init": True, "max_batch_size": 4, "warmup_seconds": None,
     }  # fmt: skip
 
@@ -366,7 +369,7 @@ async def test_probes_metrics_and_docs(tmp_path: Path) -> None:
                  "focal_batch_inference_seconds_bucket", "focal_batch_size_bucket", "focal_queue_depth",
                  "focal_batch_images_total", "focal_model_info", "focal_batches_total"):  # fmt: skip
         assert name in metrics
-    assert 'focal_requests_total{code="200",endpoint="/classify"} 1.0' in metrics
+    assert 'focal_requests_total{code="200",endpoint="/classify",protocol="http"} 1.0' in metrics
     assert 'weights="random-init"' in metrics
     assert docs.status_code == 200
 
@@ -399,8 +402,8 @@ async def test_failing_batches_make_the_model_unready_and_a_probe_brings_it_back
         backend.failing = None  # the device is back; no client sends anything
         await _until(client, "/readyz", 200)
         metrics = (await client.get("/metrics")).text
-    assert re.search(r'focal_health_probes_total\{model="focal_tiny-classify",outcome="failed"\} [1-9]', metrics)
-    assert 'focal_health_probes_total{model="focal_tiny-classify",outcome="recovered"} 1.0' in metrics
+    assert re.search(r'focal_health_probes_total\{model="focal_tiny",outcome="failed"\} [1-9]', metrics)
+    assert 'focal_health_probes_total{model="focal_tiny",outcome="recovered"} 1.0' in metrics
 
 
 async def test_a_failure_that_persists_turns_liveness_false(tmp_path: Path) -> None:
@@ -442,7 +445,7 @@ async def test_a_batch_cut_short_by_shutdown_is_not_a_failure(tmp_path: Path) ->
     async with running_app(app) as client:
         backend.hold = threading.Event()
         call = asyncio.ensure_future(client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}))
-        model = app.state.service.models["focal_tiny-classify"]
+        model = app.state.service.models["focal_tiny"]
         await until(lambda: model.batcher.in_flight == 1)
     assert_error(app, await call, 503, "unavailable")  # the server shut down under it
     assert model.health.phase.value == "ready"
@@ -458,8 +461,13 @@ def test_start_up_refuses_folders_that_cannot_be_served(tmp_path: Path) -> None:
         create_app(Settings())
     with pytest.raises(ModelLoadError, match=r"no manifest.json \(is it a python -m export output folder\?\)"):
         create_app(Settings(models=[tmp_path]))
-    with pytest.raises(ModelLoadError, match="both serve task 'classify'"):
-        create_app(Settings(models=[good, model_folder(tmp_path / "other", classify_manifest())]))
+    other = model_folder(tmp_path / "other", classify_manifest())
+    with pytest.raises(ModelLoadError, match="would both be served as 'focal_tiny'; name one with --model NAME=DIR"):
+        create_app(Settings(models=[good, other]))
+    named = create_app(Settings(models=[good, f"second={other}"])).state.service  # two classifiers, two names
+    assert [(p.name, p.folder) for p in named.planned] == [("focal_tiny", good), ("second", other)]
+    with pytest.raises(ModelLoadError, match="model name 'bad name!'"):
+        create_app(Settings(models=[f"bad name!={other}"]))
     old = model_folder(tmp_path / "old", classify_manifest())
     (old / MANIFEST_NAME).write_text((old / MANIFEST_NAME).read_text().replace(f'"format_version": {FORMAT_VERSION}',
                                                                               '"format_version": 1'))  # fmt: skip

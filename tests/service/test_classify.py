@@ -92,7 +92,7 @@ async def test_top_k_predictions_in_order_with_labels_and_the_model(tmp_path: Pa
     assert [p["label"] for p in predictions] == ["label_0", "label_1", "label_2"]
     expected = softmax(-np.arange(5, dtype=np.float64))
     assert [p["score"] for p in predictions] == pytest.approx(expected[:3].tolist())
-    assert body["model"]["name"] == "focal_tiny-classify"
+    assert body["model"]["name"] == "focal_tiny"
     assert (body["model"]["weights"], body["model"]["random_init"]) == ("random-init", True)
     assert response.headers["x-request-id"]
 
