@@ -1,5 +1,7 @@
-"""The real service: `python -m service` in a subprocess over a real export, called over HTTP. One smoke
-test per task, and the SIGTERM-under-load test; everything else is tested in-process."""
+"""The real service: `python -m service` in a subprocess over a real export, called over HTTP and gRPC.
+One smoke test per task, one of the Open Inference Protocol through NVIDIA's own clients (tritonclient,
+HTTP and gRPC) against this service's own API, and the SIGTERM-under-load test; everything else is
+tested in-process."""
 
 from __future__ import annotations
 
@@ -9,8 +11,14 @@ import time
 from typing import Any
 
 import httpx
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http as httpclient
 
-from service.launch import running_server
+from service.images import decode_with_size
+from service.launch import free_port, running_server
+from service.tasks.classify import CenterCrop
 from tests.conftest import HORSE, ClassifyExport, DetectExport
 from tests.support import encode, photo
 
@@ -46,11 +54,90 @@ def test_detect_smoke(detect_export: DetectExport) -> None:
     assert [d["class_id"] for d in result["detections"]] == [HORSE] * 3
 
 
-def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: ClassifyExport) -> None:
-    settings = {"max_batch_size": "2", "max_queue_delay_ms": "0", "intra_op_threads": "1", "preprocess_threads": "1"}
-    with running_server(classify_export.folder, **settings) as server:
+def _bytes_input(module: Any, images: list[bytes]) -> Any:
+    given = module.InferInput("image_bytes", [len(images)], "BYTES")
+    given.set_data_from_numpy(np.array(images, dtype=np.object_))
+    return given
 
-        async def scenario() -> tuple[list[Any], int, str]:
+
+def _pixels_input(module: Any, pixels: np.ndarray, **json_or_binary: bool) -> Any:
+    given = module.InferInput("pixels", list(pixels.shape), "FP32")
+    given.set_data_from_numpy(pixels, **json_or_binary)
+    return given
+
+
+def test_open_inference_protocol_clients_match_the_own_api(
+    classify_export: ClassifyExport, detect_export: DetectExport
+) -> None:
+    """tritonclient.http and tritonclient.grpc, unchanged, against one server with both exports: metadata,
+    readiness, and inference with FP32 tensors (JSON and binary) and with encoded images, equal to what
+    /classify and /detect answer for the same images."""
+    grpc_port = free_port()
+    second = encode(photo((500, 700), seed=9), "JPEG", quality=90)
+    models = f"{classify_export.folder},{detect_export.folder}"
+    with running_server(models, grpc_port=str(grpc_port)) as server:
+        http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        clients = [(httpclient, http), (grpcclient, grpc)]
+        for _, client in clients:
+            assert client.is_server_live()
+            assert client.is_server_ready()
+            assert client.is_model_ready("focal_tiny")
+            assert client.is_model_ready("focal_tiny_retinanet", "1")
+        metadata = http.get_model_metadata("focal_tiny")
+        assert metadata["platform"] == "onnxruntime_onnx"
+        assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
+            ("logits", [-1, 10]),
+            ("probabilities", [-1, 10]),
+        ]
+        assert grpc.get_model_metadata("focal_tiny", as_json=True)["outputs"][0]["shape"] == ["-1", "10"]
+
+        # The classifier: probabilities from JPEG bytes equal /classify's scores; logits from the FP32 tensor
+        # (the service's own decoding and transform, done here) equal logits from the bytes.
+        own = [
+            httpx.post(f"{server.url}/classify?top_k=10", content=jpeg, headers={"Content-Type": "image/jpeg"}).json()[
+                "results"
+            ][0]["predictions"]
+            for jpeg in (LARGE_JPEG, second)
+        ]
+        expected = np.array([[p["score"] for p in sorted(preds, key=lambda p: p["class_id"])] for preds in own])
+        crop = CenterCrop.from_manifest(classify_export.manifest.preprocess)
+        decoded = [decode_with_size(jpeg, 10**8, crop.draft_short_side) for jpeg in (LARGE_JPEG, second)]
+        pixels = np.stack([crop.to_canvas(image, size).pixels for image, size in decoded])
+        for module, client in clients:
+            from_bytes = client.infer("focal_tiny", [_bytes_input(module, [LARGE_JPEG, second])], request_id="r1")
+            assert from_bytes.get_response(**({"as_json": True} if module is grpcclient else {}))["id"] == "r1"
+            assert np.abs(from_bytes.as_numpy("probabilities") - expected).max() < 1e-5
+            forms = [{"binary_data": True}, {"binary_data": False}] if module is httpclient else [{}]
+            for form in forms:
+                from_pixels = client.infer("focal_tiny", [_pixels_input(module, pixels, **form)])
+                assert np.abs(from_pixels.as_numpy("logits") - from_bytes.as_numpy("logits")).max() < 1e-5
+
+        # The detector: the same detections as /detect, in original-image pixels.
+        found = httpx.post(f"{server.url}/detect", content=LARGE_JPEG, headers={"Content-Type": "image/jpeg"})
+        detections = found.json()["results"][0]["detections"]
+        own_rows = np.array([[*d["box"], d["score"], d["class_id"]] for d in detections])
+        assert len(own_rows) > 0
+        for module, client in clients:
+            result = client.infer("focal_tiny_retinanet", [_bytes_input(module, [LARGE_JPEG])])
+            count = int(result.as_numpy("num_detections")[0])
+            rows = result.as_numpy("detections")[0]
+            assert count == len(own_rows)
+            assert np.array_equal(rows[:count, 5], own_rows[:, 5])
+            assert np.abs(rows[:count, :5] - own_rows[:, :5]).max() < 1e-3  # float32 pixels of a 1280x960 image
+            assert not rows[count:].any()
+        http.close()
+        grpc.close()
+
+
+def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: ClassifyExport) -> None:
+    """HTTP and gRPC (Open Inference Protocol) requests queued or running at SIGTERM all succeed; new
+    ones are refused; the process exits 0."""
+    grpc_port = free_port()
+    settings = {"max_batch_size": "2", "max_queue_delay_ms": "0", "intra_op_threads": "1", "preprocess_threads": "1"}
+    with running_server(classify_export.folder, grpc_port=str(grpc_port), **settings) as server:
+
+        async def scenario() -> tuple[list[Any], list[Any], int, str]:
             finished: list[float] = []
 
             async def one(client: httpx.AsyncClient) -> httpx.Response:
@@ -60,12 +147,19 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: C
                 finished.append(time.monotonic())
                 return response
 
+            async def one_grpc(client: grpc_aio.InferenceServerClient) -> Any:
+                result = await client.infer("focal_tiny", [_bytes_input(grpc_aio, [LARGE_JPEG])])
+                finished.append(time.monotonic())
+                return result
+
+            grpc_client = grpc_aio.InferenceServerClient(f"127.0.0.1:{grpc_port}")
             async with httpx.AsyncClient(timeout=60) as client:
                 tasks = [asyncio.ensure_future(one(client)) for _ in range(32)]
+                grpc_tasks = [asyncio.ensure_future(one_grpc(grpc_client)) for _ in range(8)]
                 while not finished:  # the first answers came back: the rest is queued or running
                     await asyncio.sleep(0.005)
                 server.process.send_signal(signal.SIGTERM)
-                pending = 32 - len(finished)
+                pending = 40 - len(finished)
                 await asyncio.sleep(0.3)
                 try:
                     async with httpx.AsyncClient(timeout=5) as fresh:
@@ -75,10 +169,14 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: C
                     late_outcome = str(late.status_code)
                 except httpx.TransportError:
                     late_outcome = "refused"
-                return list(await asyncio.gather(*tasks, return_exceptions=True)), pending, late_outcome
+                answers = list(await asyncio.gather(*tasks, return_exceptions=True))
+                grpc_answers = list(await asyncio.gather(*grpc_tasks, return_exceptions=True))
+            await grpc_client.close()
+            return answers, grpc_answers, pending, late_outcome
 
-        results, pending, late_outcome = asyncio.run(scenario())
+        results, grpc_results, pending, late_outcome = asyncio.run(scenario())
         assert [r.status_code for r in results if isinstance(r, httpx.Response)] == [200] * 32, results
+        assert all(r.as_numpy("logits").shape == (1, 10) for r in grpc_results), grpc_results  # none an exception
         assert pending >= 5  # this much work was still queued or running when the signal came
         assert late_outcome in ("refused", "503")
         assert server.process.wait(timeout=60) == 0
