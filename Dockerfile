@@ -33,7 +33,7 @@ RUN pip install --no-cache-dir "$(find /wheels -name 'focal_serve-*.whl')[cpu]" 
     && rm -rf /wheels
 USER 10001
 WORKDIR /home/focal
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 ENTRYPOINT ["python", "-m", "service"]
@@ -74,7 +74,7 @@ RUN pip install --no-cache-dir "$(find /wheels -name 'focal_serve-*.whl')[gpu]" 
     && rm -rf /wheels
 USER 10001
 WORKDIR /cache
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=600s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 ENTRYPOINT ["python", "-m", "service"]

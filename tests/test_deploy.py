@@ -123,11 +123,13 @@ def test_probes_ports_and_gpu_limits() -> None:
     resources = _base_resources()
     pod = resources["Deployment"]["spec"]["template"]["spec"]
     container = _container(resources)
-    port = container["ports"][0]
-    assert (port["name"], port["containerPort"]) == ("http", int(resources["ConfigMap"]["data"]["FOCAL_PORT"]))
+    port, grpc = container["ports"]
+    config = resources["ConfigMap"]["data"]
+    assert (port["name"], port["containerPort"]) == ("http", int(config["FOCAL_PORT"]))
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", int(config["FOCAL_GRPC_PORT"]))
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["grpc"] == {"port": grpc["containerPort"], "service": "live"}  # HealthServicer
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # load + warm-up
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -136,7 +138,7 @@ def test_probes_ports_and_gpu_limits() -> None:
     annotations = resources["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(port["containerPort"])
-    assert resources["Service"]["spec"]["ports"][0]["targetPort"] == "http"
+    assert [p["targetPort"] for p in resources["Service"]["spec"]["ports"]] == ["http", "grpc"]
 
 
 def test_security_context_and_graceful_termination() -> None:
@@ -188,3 +190,68 @@ def test_cpu_overlay_has_no_gpu_in_it() -> None:
     assert resources["ConfigMap"]["data"]["FOCAL_MODELS"].startswith("/models/")
     assert mounts["/models"] == "models"
     assert {v["name"] for v in pod["volumes"]} == {"models", "tmp"}
+
+
+# -- KServe ------------------------------------------------------------------------------------------------
+def _kserve() -> dict[str, dict[str, Any]]:
+    docs = [_load(path) for path in sorted((K8S / "kserve").glob("*.yaml"))]
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_kserve_inference_service_is_a_v2_runtime_with_both_ports_probes_and_a_gpu() -> None:
+    """Structural: the KServe CRDs' schemas are not in kubernetes-validate's bundle. The pod they make is
+    validated strictly below."""
+    from service.api import router
+    from service.v2.rest import router as v2_router
+
+    resources = _kserve()
+    runtime, service = resources["ServingRuntime"], resources["InferenceService"]
+    assert (runtime["apiVersion"], service["apiVersion"]) == ("serving.kserve.io/v1alpha1", "serving.kserve.io/v1beta1")
+    assert set(runtime["spec"]["protocolVersions"]) == {"v2", "grpc-v2"}
+    predictor = service["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["protocolVersion"] == "v2"
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+
+    (container,) = runtime["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    Settings(**{k.removeprefix("FOCAL_").lower(): v for k, v in env.items()})  # every setting exists and parses
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http1": int(env["FOCAL_PORT"]), "h2c": int(env["FOCAL_GRPC_PORT"])}
+    routes = {getattr(r, "path", "") for r in [*router.routes, *v2_router.routes]}
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["path"] in routes
+        assert container[probe]["httpGet"]["port"] == ports["http1"]
+    assert container["livenessProbe"]["grpc"] == {"port": ports["h2c"], "service": "live"}
+
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    (init,) = predictor["initContainers"]
+    assert init["command"][-1] == "export.engine"
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert env["FOCAL_MODELS"] == init["args"][init["args"].index("--model") + 1]  # serves what the init built
+    assert predictor["terminationGracePeriodSeconds"] > float(env["FOCAL_DRAIN_TIMEOUT_S"])
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+
+
+def test_kserve_pod_passes_strict_schema_validation(tmp_path: Path) -> None:
+    """The pod KServe would make (the runtime's container with the model's overrides, the predictor's
+    init containers, volumes and pod settings), validated as a core/v1 Pod."""
+    resources = _kserve()
+    predictor = resources["InferenceService"]["spec"]["predictor"]
+    (container,) = resources["ServingRuntime"]["spec"]["containers"]
+    overrides = {k: v for k, v in predictor["model"].items() if k not in ("modelFormat", "runtime", "protocolVersion")}
+    pod_keys = ("initContainers", "volumes", "securityContext", "nodeSelector", "tolerations",
+                "terminationGracePeriodSeconds")  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "focal-tiny-predictor"},
+        "spec": {"containers": [{**container, **overrides}], **{k: predictor[k] for k in pod_keys}},
+    }
+    mounts = {m["name"] for c in pod["spec"]["containers"] + pod["spec"]["initContainers"] for m in c["volumeMounts"]}
+    assert mounts == {v["name"] for v in pod["spec"]["volumes"]}
+    path = tmp_path / "pod.yaml"
+    path.write_text(yaml.safe_dump(pod))
+    result = _run(_tool("kubernetes-validate"), "--strict", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
