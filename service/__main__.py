@@ -1,4 +1,5 @@
-"""`python -m service --model DIR [--model DIR2] [--host H] [--port P]`; every setting also as FOCAL_*."""
+"""`python -m service --model [NAME=]DIR [--model [NAME=]DIR2] [--host H] [--port P]`; every setting also
+as FOCAL_* (the Open Inference Protocol's gRPC port: FOCAL_GRPC_PORT, default 8001)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,13 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
-    parser.add_argument("--model", action="append", type=Path, metavar="DIR", help="an export folder (repeatable)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=Path,
+        metavar="[NAME=]DIR",
+        help="an export folder, served as NAME (default: its variant; repeatable)",
+    )
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"])

@@ -115,10 +115,11 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
     app.state.service = state
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes)
     _add_error_handlers(app)
-    app.include_router(common_routes)
+    # Routes are matched in order: the inference routes first (each route tried costs every request a little)
     for task in TASKS.values():
         app.include_router(task.router)
     app.include_router(v2_routes)
+    app.include_router(common_routes)
     return app
 
 

@@ -46,6 +46,10 @@ class TensorMeta:
 class ProtocolOutputs(Protocol):
     """A task's outputs in the Open Inference Protocol (`service.v2`): named tensors per image."""
 
+    # True when `finish` is heavy enough (NMS) to run in the thread pool; a light one (a softmax) runs
+    # on the event loop, which costs less than the hop to a thread and back
+    finish_blocks: bool
+
     def outputs(self, manifest: Manifest) -> list[TensorMeta]:
         """What the model metadata lists, in order."""
         ...

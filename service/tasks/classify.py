@@ -126,6 +126,8 @@ async def classify(
 class ClassifyOutputs:
     """Open Inference Protocol outputs: the logits and their softmax, [N, classes] each."""
 
+    finish_blocks = False
+
     def outputs(self, manifest: Manifest) -> list[TensorMeta]:
         return [
             TensorMeta("logits", "FP32", [-1, manifest.num_classes]),

@@ -272,6 +272,8 @@ class DetectOutputs:
     canvas sent as the model input. Request parameters `score_threshold` (default 0.3) and
     `max_detections` (default and most: the export's) mean what they mean for `/detect`."""
 
+    finish_blocks = True  # NMS
+
     def outputs(self, manifest: Manifest) -> list[TensorMeta]:
         assert manifest.task == "detect"
         rows = manifest.detection.postprocess.max_detections

@@ -126,7 +126,10 @@ async def infer(
     def finish(i: int) -> dict[str, np.ndarray]:
         return protocol.finish(model, rows[i], None if placed is None else placed[i], parameters)
 
-    per_image = await inference.off_loop(state, finish, range(len(rows)))
+    if protocol.finish_blocks:
+        per_image = await inference.off_loop(state, finish, range(len(rows)))
+    else:
+        per_image = [finish(i) for i in range(len(rows))]
     return [(name, np.stack([image[name] for image in per_image])) for name in wanted]
 
 

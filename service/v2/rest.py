@@ -139,25 +139,6 @@ def _infer_response(
     )
 
 
-# -- server and model metadata, readiness ------------------------------------------------------
-@router.get("", summary="Server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return core.server_metadata()
-
-
-@router.get("/models/{name}", summary="Model metadata: platform, inputs, outputs", responses=_ERRORS)
-@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", responses=_ERRORS)
-async def model_metadata(state: State, name: str, version: str | None = None) -> dict[str, Any]:
-    return core.model_metadata(state.model_named(name, version))
-
-
-@router.get("/models/{name}/ready", summary="Whether the model takes requests", responses=_ERRORS)
-@router.get("/models/{name}/versions/{version}/ready", summary="Whether this version takes requests", responses=_ERRORS)
-async def model_ready(state: State, name: str, version: str | None = None) -> dict[str, Any]:
-    model = state.model_named(name, version)
-    return {"name": model.name, "version": model.version, "ready": model.health.readiness()[0]}
-
-
 # -- inference ---------------------------------------------------------------------------------
 _INFER_BODY: dict[str, Any] = {
     "requestBody": {
@@ -186,19 +167,37 @@ async def infer(
     state: State,
     name: str,
     version: str | None = None,
-    header_length: Annotated[str | None, Header(alias=HEADER_LENGTH)] = None,
 ) -> Response:
     with state.model_named(name, version).lease() as model:
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise errors.UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send it uncompressed")
         inference.admit(state, model)  # before reading the body
-        parsed, binary_default = _parse_infer(await request.body(), header_length)
+        parsed, binary_default = _parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
         try:
             results = await core.infer(state, model, parsed, gone=functools.partial(client_gone, request))
         except inference.ClientGone:
             raise ClientDisconnect() from None
         return _infer_response(model.name, model.version, parsed, binary_default, results)
+
+
+# -- server and model metadata, readiness ------------------------------------------------------
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return core.server_metadata()
+
+
+@router.get("/models/{name}", summary="Model metadata: platform, inputs, outputs", responses=_ERRORS)
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", responses=_ERRORS)
+async def model_metadata(state: State, name: str, version: str | None = None) -> dict[str, Any]:
+    return core.model_metadata(state.model_named(name, version))
+
+
+@router.get("/models/{name}/ready", summary="Whether the model takes requests", responses=_ERRORS)
+@router.get("/models/{name}/versions/{version}/ready", summary="Whether this version takes requests", responses=_ERRORS)
+async def model_ready(state: State, name: str, version: str | None = None) -> dict[str, Any]:
+    model = state.model_named(name, version)
+    return {"name": model.name, "version": model.version, "ready": model.health.readiness()[0]}
 
 
 # -- model repository (Triton's extension) -----------------------------------------------------
