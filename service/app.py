@@ -84,8 +84,8 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        grpc_server = await start_grpc(state) if settings.grpc_port else None  # a taken port fails at once
         loader = asyncio.create_task(_load_models(state), name="load-models")
-        grpc_server = await start_grpc(state) if settings.grpc_port else None
         try:
             yield
         finally:
@@ -95,8 +95,8 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
                 await loader
             if grpc_server is not None:  # its running calls finish (they hold leases on the models)
                 await grpc_server.stop(state.drain_remaining())
-            if state.retiring:  # replaced or unloaded models finishing their last requests
-                await asyncio.wait(state.retiring, timeout=state.drain_remaining())
+            if state.repository_tasks:  # loads, and replaced or unloaded models finishing their last requests
+                await asyncio.wait(state.repository_tasks, timeout=state.drain_remaining())
             remaining = state.drain_remaining()  # the models drain side by side, within one budget
             closed = await asyncio.gather(*(m.close(remaining) for m in state.models.values()), return_exceptions=True)
             for model, outcome in zip(state.models.values(), closed, strict=True):

@@ -99,6 +99,7 @@ class DynamicBatcher:
         self.in_flight = 0
         self.batch_started: float | None = None  # monotonic time the running batch started
         self.backend_running = False  # a backend call is running in the worker thread (even after a cancel)
+        self.closed_reason = "the server is shutting down"  # what refused or dropped work is told
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,7 +141,7 @@ class DynamicBatcher:
         self._forming = []
         for item in leftovers:
             if not item.future.done():
-                item.future.set_exception(Draining("the server is shutting down"))
+                item.future.set_exception(Draining(self.closed_reason))
         # Never block the event loop on a stuck backend call; the thread ends with the process.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -148,7 +149,7 @@ class DynamicBatcher:
     async def submit(self, sample: np.ndarray, timeout_s: float) -> np.ndarray:
         """Queue one sample and wait for its output row."""
         if not self._accepting:
-            raise Draining("the server is shutting down")
+            raise Draining(self.closed_reason)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Item(sample, future, time.monotonic() + timeout_s))
@@ -225,7 +226,7 @@ class DynamicBatcher:
                 cancelled = True
                 for item in batch:
                     if not item.future.done():
-                        item.future.set_exception(Draining("the server is shutting down"))
+                        item.future.set_exception(Draining(self.closed_reason))
                 raise
             except Exception as exc:  # one failed batch fails its own requests only
                 error = exc if isinstance(exc, BackendError) else BackendError(f"{type(exc).__name__}: {exc}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -112,6 +112,13 @@ async def infer(
     finally:
         if watch is not None:
             watch.cancel()
-        results.cancel()
-        for task in tasks:  # a failed sibling or a vanished caller: drop the rest from the queue
+        for task in [*tasks, results]:  # a failed sibling or a vanished caller: drop the rest from the queue
             task.cancel()
+            # A task can still end with an error after this (cancelling races a deadline firing); its
+            # caller is gone, so it is seen here rather than reported as never retrieved.
+            task.add_done_callback(_seen)
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -237,6 +237,7 @@ class ServedModel:
         """Close a model that new requests no longer reach (replaced or unloaded): wait for the
         requests that hold it (up to the timeout), then `close`."""
         end = time.monotonic() + drain_timeout_s
+        self.batcher.closed_reason = f"{self.name} version {self.version} was replaced or unloaded; retry"
         while self.leases and time.monotonic() < end:
             await asyncio.sleep(0.01)
         if self.leases:

@@ -9,6 +9,11 @@ model repository extension, over REST and gRPC; `service.v2`).
   switch**. A failed load leaves the old model serving.
 - `unload_model(state, name)`: new requests get 404 at once; the requests already running
   finish; then the model closes.
+- Both run to their end even when the caller goes away, and are refused (503) while the server
+  starts up (its loader owns the models then) or shuts down.
+- A request still holding a replaced model after `FOCAL_DRAIN_TIMEOUT_S` (a client uploading
+  very slowly, say) is cut short: it gets 503 and may retry. That is the one bound on "no request
+  fails".
 - `index(state)`: every name the server knows, with its version and state.
 
 Changing what a server runs is an administrator's act: `check_admin` requires the bearer token
@@ -21,8 +26,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from service import errors
 from service.health import ModelHealth
@@ -31,6 +37,7 @@ from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("focal.service")
+T = TypeVar("T")
 
 
 def check_admin(settings: Settings, authorization: str | None) -> None:
@@ -75,14 +82,34 @@ def _forget(state: ServiceState, model: ServedModel) -> None:
         state.metrics.model_info.remove(*_info_labels(model))
 
 
-def _retire(state: ServiceState, model: ServedModel) -> asyncio.Task[None]:
-    """Close a model that no longer receives requests, in the background (awaited at shutdown)."""
-    task = asyncio.get_running_loop().create_task(
-        model.retire(state.settings.drain_timeout_s), name=f"retire-{model.name}-{model.version}"
-    )
-    state.retiring.add(task)
-    task.add_done_callback(state.retiring.discard)
+def _background(state: ServiceState, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """Run repository work to its end even if its caller goes away (a cancelled gRPC call, a closed
+    connection): a half-done switch would leave a model nobody closes. Shutdown waits for it."""
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    state.repository_tasks.add(task)
+
+    def done(finished: asyncio.Task[T]) -> None:
+        state.repository_tasks.discard(finished)
+        if not finished.cancelled() and finished.exception() is not None:  # retrieved: logged here or by the caller
+            log.info("%s ended: %s", name, finished.exception())
+
+    task.add_done_callback(done)
     return task
+
+
+def _retire(state: ServiceState, model: ServedModel) -> asyncio.Task[None]:
+    """Close a model that no longer receives requests, in the background."""
+    return _background(state, model.retire(state.settings.drain_timeout_s), f"retire-{model.name}-{model.version}")
+
+
+def _check_can_change(state: ServiceState) -> None:
+    retry = {"Retry-After": str(state.settings.retry_after_s)}
+    if state.draining:
+        raise errors.Unavailable("the server is shutting down", headers=retry)
+    if state.failed:
+        raise errors.Unavailable(f"the server failed to start ({state.failed}); restart it", headers=retry)
+    if state.loading:  # the start-up loader owns the models until it is done
+        raise errors.Unavailable("the server is still loading its models; retry when it is ready", headers=retry)
 
 
 def _lock(state: ServiceState, name: str) -> asyncio.Lock:
@@ -92,8 +119,17 @@ def _lock(state: ServiceState, name: str) -> asyncio.Lock:
 async def load_model(state: ServiceState, name: str, folder: Path | None = None) -> ServedModel:
     """Serve `name` from `folder` (default: the folder it was last served from), replacing what
     serves it now without failing a request. `errors.ServiceError` when it cannot."""
-    if state.draining:
-        raise errors.Unavailable("the server is shutting down")
+    _check_can_change(state)
+    return await asyncio.shield(_background(state, _load(state, name, folder), f"load-{name}"))
+
+
+async def unload_model(state: ServiceState, name: str) -> None:
+    """Stop serving `name`: new requests get 404 at once, running ones finish, then it closes."""
+    _check_can_change(state)
+    await asyncio.shield(_background(state, _unload(state, name), f"unload-{name}"))
+
+
+async def _load(state: ServiceState, name: str, folder: Path | None) -> ServedModel:
     async with _lock(state, name):
         known = state.repository.get(name)
         folder = folder or (known.folder if known else None)
@@ -132,8 +168,7 @@ async def load_model(state: ServiceState, name: str, folder: Path | None = None)
         return model
 
 
-async def unload_model(state: ServiceState, name: str) -> None:
-    """Stop serving `name`: new requests get 404 at once, running ones finish, then it closes."""
+async def _unload(state: ServiceState, name: str) -> None:
     async with _lock(state, name):
         model = state.models.pop(name, None)
         if model is None:

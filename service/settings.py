@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendChoice = Literal["auto", "tensorrt", "onnxruntime", "torch"]
@@ -76,7 +76,15 @@ class Settings(BaseSettings):
     @field_validator("admin_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
+        """Surrounding whitespace dropped (a token read from a file ends in a newline); empty is unset."""
+        value = value.strip() if isinstance(value, str) else value
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.grpc_port == self.port:
+            raise ValueError(f"grpc_port and port are both {self.port}: give gRPC its own port (or 0 for none)")
+        return self
 
     @field_validator("models", mode="before")
     @classmethod

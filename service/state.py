@@ -9,7 +9,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service import errors
 from service.metrics import Metrics
@@ -30,7 +30,9 @@ class ServiceState:
     backends: BackendLoader | None = None  # builds a model's backend (None: what the settings and machine call for)
     models: dict[str, ServedModel] = field(default_factory=dict)  # backend built (then warming up, ready, failing)
     repository: dict[str, ModelFolder] = field(default_factory=dict)  # every name this server knows, and its folder
-    retiring: set[asyncio.Task[None]] = field(default_factory=set)  # replaced or unloaded models, finishing up
+    # loads, unloads and replaced models finishing their requests (they run to the end even if the
+    # caller goes away; shutdown waits for them)
+    repository_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     repository_locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # one load or unload per name at a time
     loading: bool = True
     failed: str | None = None  # a model could not be loaded or warmed up

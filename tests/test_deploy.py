@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from service.metrics import QUEUE_DEPTH_METRIC
+from service.models import split_model_spec
 from service.settings import Settings
 from tests.support import ROOT
 
@@ -159,6 +160,14 @@ def test_security_context_and_graceful_termination() -> None:
     assert pod["topologySpreadConstraints"] or pod["affinity"]["podAntiAffinity"]
 
 
+def test_images_and_compose_expose_the_grpc_port() -> None:
+    assert (ROOT / "Dockerfile").read_text().count("EXPOSE 8000 8001") == 2
+    compose = _load(ROOT / "docker-compose.yml")
+    assert compose["x-service-env"]["FOCAL_GRPC_PORT"] == "8001"
+    for name in ("focal", "focal-cpu"):
+        assert "8001:8001" in compose["services"][name]["ports"], name
+
+
 def test_every_setting_named_in_the_deployment_exists() -> None:
     known = {f"FOCAL_{name.upper()}" for name in Settings.model_fields}
     for resources in (_base_resources(), _cpu_overlay()):
@@ -229,7 +238,9 @@ def test_kserve_inference_service_is_a_v2_runtime_with_both_ports_probes_and_a_g
     (init,) = predictor["initContainers"]
     assert init["command"][-1] == "export.engine"
     assert init["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert env["FOCAL_MODELS"] == init["args"][init["args"].index("--model") + 1]  # serves what the init built
+    name, folder = split_model_spec(env["FOCAL_MODELS"])
+    assert str(folder) == init["args"][init["args"].index("--model") + 1]  # serves what the init built
+    assert name == service["metadata"]["name"]  # under the name KServe clients address
     assert predictor["terminationGracePeriodSeconds"] > float(env["FOCAL_DRAIN_TIMEOUT_S"])
     assert predictor["securityContext"]["runAsNonRoot"] is True
 
@@ -243,14 +254,10 @@ def test_kserve_pod_passes_strict_schema_validation(tmp_path: Path) -> None:
     overrides = {k: v for k, v in predictor["model"].items() if k not in ("modelFormat", "runtime", "protocolVersion")}
     pod_keys = ("initContainers", "volumes", "securityContext", "nodeSelector", "tolerations",
                 "terminationGracePeriodSeconds")  # fmt: skip
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "focal-tiny-predictor"},
-        "spec": {"containers": [{**container, **overrides}], **{k: predictor[k] for k in pod_keys}},
-    }
-    mounts = {m["name"] for c in pod["spec"]["containers"] + pod["spec"]["initContainers"] for m in c["volumeMounts"]}
-    assert mounts == {v["name"] for v in pod["spec"]["volumes"]}
+    spec: dict[str, Any] = {"containers": [{**container, **overrides}], **{k: predictor[k] for k in pod_keys}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "focal-tiny-predictor"}, "spec": spec}
+    mounts = {m["name"] for c in spec["containers"] + spec["initContainers"] for m in c["volumeMounts"]}
+    assert mounts == {v["name"] for v in spec["volumes"]}
     path = tmp_path / "pod.yaml"
     path.write_text(yaml.safe_dump(pod))
     result = _run(_tool("kubernetes-validate"), "--strict", str(path))

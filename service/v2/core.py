@@ -33,6 +33,7 @@ SERVER_NAME = "focal-serve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 IMAGE_INPUT = "image_bytes"
+MAX_INPUTS, MAX_OUTPUTS = 4, 8  # a request sends one input; more are refused before any is decoded
 # Triton's request parameters: `timeout` (microseconds) bounds the deadline; the others mean nothing
 # to a stateless image model and are ignored
 RESERVED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -90,7 +91,10 @@ def _rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error in %s", method.__name__)
                 await context.abort(code, f"internal error ({type(exc).__name__})")
-            code = grpc.StatusCode.CANCELLED if code is grpc.StatusCode.OK else code
+            if code is grpc.StatusCode.OK:  # cancelled: by the client, or by the call's deadline
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         finally:
             metrics = self.state.metrics
@@ -105,36 +109,41 @@ def _parameter(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
-def _input_array(given: Any, raw: bytes | None) -> np.ndarray:
+def _input_array(given: Any, raw: bytes | None, max_bytes_elements: int) -> np.ndarray:
     if raw is not None:
-        return tensors.from_raw(given.name, given.datatype, list(given.shape), raw)
+        return tensors.from_raw(given.name, given.datatype, list(given.shape), raw, max_bytes_elements)
+    shape = tensors.check_shape(given.name, list(given.shape), given.datatype, max_bytes_elements)
     if given.datatype == tensors.BYTES:
-        elements = np.empty(len(given.contents.bytes_contents), dtype=np.object_)
-        elements[:] = list(given.contents.bytes_contents)
-        shape = tensors.check_shape(given.name, list(given.shape))
-        if elements.size != int(np.prod(shape)):
-            raise tensors.TensorError(f"input {given.name!r}: {elements.size} elements for shape {list(shape)}")
-        return elements.reshape(shape)
-    field = CONTENTS.get(given.datatype)
-    if field is None:
-        raise tensors.TensorError(f"input {given.name!r}: {given.datatype} data must be sent as raw contents")
-    shape = tensors.check_shape(given.name, list(given.shape))
-    values = np.asarray(getattr(given.contents, field), dtype=tensors.DTYPES[given.datatype])
-    if values.size != int(np.prod(shape)):
+        values = np.empty(len(given.contents.bytes_contents), dtype=np.object_)
+        if values.size <= max_bytes_elements:
+            values[:] = list(given.contents.bytes_contents)
+    else:
+        field = CONTENTS.get(given.datatype)
+        if field is None:
+            raise tensors.TensorError(f"input {given.name!r}: {given.datatype} data must be sent as raw contents")
+        try:
+            values = np.asarray(getattr(given.contents, field), dtype=tensors.DTYPES[given.datatype])
+        except OverflowError as exc:
+            raise tensors.TensorError(f"input {given.name!r}: {exc}") from None
+    if values.size != math.prod(shape):
         raise tensors.TensorError(f"input {given.name!r}: {values.size} elements for shape {list(shape)}")
-    return values.reshape(shape)
+    return tensors.reshape(given.name, values, shape)
 
 
-def parse_infer_request(request: Any) -> core.InferRequest:
-    """A `ModelInferRequest` -> the protocol-neutral request."""
+def parse_infer_request(request: Any, max_images: int) -> core.InferRequest:
+    """A `ModelInferRequest` -> the protocol-neutral request. `max_images`: the most `BYTES` elements."""
+    if len(request.inputs) > core.MAX_INPUTS or len(request.outputs) > core.MAX_OUTPUTS:
+        raise errors.BadRequest(f"at most {core.MAX_INPUTS} inputs and {core.MAX_OUTPUTS} outputs")
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise errors.BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     try:
         inputs = [
-            core.InputTensor(given.name, given.datatype, _input_array(given, raw[i] if raw else None))
+            core.InputTensor(given.name, given.datatype, _input_array(given, raw[i] if raw else None, max_images))
             for i, given in enumerate(request.inputs)
         ]
+    except tensors.TooManyElements as exc:
+        raise errors.PayloadTooLarge(str(exc)) from None
     except tensors.TensorError as exc:
         raise errors.BadRequest(str(exc)) from None
     parameters, timeout_s = core.split_parameters({k: _parameter(v) for k, v in request.parameters.items()})
@@ -189,7 +198,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         state = self.state
         with state.model_named(request.model_name, request.model_version or None).lease() as model:
-            parsed = parse_infer_request(request)
+            parsed = parse_infer_request(request, state.settings.max_images_per_request)
             results = await core.infer(state, model, parsed, context.time_remaining())  # the call's deadline
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=parsed.id)
             for name, array in results:

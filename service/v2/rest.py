@@ -27,6 +27,7 @@ from service.v2 import core, tensors
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+PARSE_OFF_LOOP_BYTES = 256 * 1024
 _ERRORS = error_responses(
     {
         400: "malformed request, tensor or image",
@@ -66,14 +67,15 @@ class InferRequestBody(BaseModel):
 
     id: str = ""
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[_Input] = Field(min_length=1)
-    outputs: list[_Output] | None = None
+    inputs: list[_Input] = Field(min_length=1, max_length=core.MAX_INPUTS)
+    outputs: list[_Output] | None = Field(None, max_length=core.MAX_OUTPUTS)
 
 
-def _parse_infer(body: bytes, header_length: str | None) -> tuple[core.InferRequest, bool]:
-    """The request, and whether outputs are binary unless an output says otherwise."""
+def _parse_infer(body: bytes, header_length: str | None, max_images: int) -> tuple[core.InferRequest, bool]:
+    """The request, and whether outputs are binary unless an output says otherwise. `max_images`: the
+    most `BYTES` elements an input may have (checked before any is decoded)."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise errors.BadRequest(f"{HEADER_LENGTH}: {header_length!r} is not a length within the body")
         split = int(header_length)
         head, binary = body[:split], memoryview(body)[split:]
@@ -93,12 +95,14 @@ def _parse_infer(body: bytes, header_length: str | None) -> tuple[core.InferRequ
                     raise errors.BadRequest(f"input {given.name!r}: binary_data_size {size} runs past the body's end")
                 raw = bytes(binary[offset : offset + size])
                 offset += size
-                array = tensors.from_raw(given.name, given.datatype, given.shape, raw)
+                array = tensors.from_raw(given.name, given.datatype, given.shape, raw, max_images)
             elif given.data is None:
                 raise errors.BadRequest(f"input {given.name!r} has neither 'data' nor a binary_data_size")
             else:
-                array = tensors.from_json(given.name, given.datatype, given.shape, given.data)
+                array = tensors.from_json(given.name, given.datatype, given.shape, given.data, max_images)
             inputs.append(core.InputTensor(given.name, given.datatype, array))
+    except tensors.TooManyElements as exc:
+        raise errors.PayloadTooLarge(str(exc)) from None
     except tensors.TensorError as exc:
         raise errors.BadRequest(str(exc)) from None
     if offset != len(binary):
@@ -173,7 +177,14 @@ async def infer(
         if encoding != "identity":
             raise errors.UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send it uncompressed")
         inference.admit(state, model)  # before reading the body
-        parsed, binary_default = _parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
+        body, header = await request.body(), request.headers.get(HEADER_LENGTH)
+        limit = state.settings.max_images_per_request
+        if len(body) > PARSE_OFF_LOOP_BYTES:  # a large JSON tensor takes a while to parse: not on the event loop
+            (parsed, binary_default), *_ = await inference.off_loop(
+                state, lambda _: _parse_infer(body, header, limit), [None]
+            )
+        else:
+            parsed, binary_default = _parse_infer(body, header, limit)
         try:
             results = await core.infer(state, model, parsed, gone=functools.partial(client_gone, request))
         except inference.ClientGone:
@@ -197,7 +208,10 @@ async def model_metadata(state: State, name: str, version: str | None = None) ->
 @router.get("/models/{name}/versions/{version}/ready", summary="Whether this version takes requests", responses=_ERRORS)
 async def model_ready(state: State, name: str, version: str | None = None) -> dict[str, Any]:
     model = state.model_named(name, version)
-    return {"name": model.name, "version": model.version, "ready": model.health.readiness()[0]}
+    ready, detail = model.health.readiness()
+    if not ready:  # clients read readiness from the status code (tritonclient: 200 or not)
+        raise errors.Unavailable(f"model {model.name} is not ready: {detail}")
+    return {"name": model.name, "version": model.version, "ready": True}
 
 
 # -- model repository (Triton's extension) -----------------------------------------------------

@@ -53,30 +53,53 @@ def datatype_of(array: np.ndarray) -> str:
     raise TypeError(f"no protocol datatype for {array.dtype}")
 
 
-def check_shape(name: str, shape: Sequence[Any]) -> tuple[int, ...]:
+class TooManyElements(TensorError):
+    """A `BYTES` tensor with more elements than the caller allows (checked before any is decoded)."""
+
+
+def check_shape(
+    name: str, shape: Sequence[Any], datatype: str | None = None, max_bytes_elements: int | None = None
+) -> tuple[int, ...]:
+    """The shape as integers; `TooManyElements` when a `BYTES` tensor would hold more than
+    `max_bytes_elements` (each element is a Python object: the limit comes before any is made)."""
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise TensorError(f"input {name!r}: shape {list(shape)} must be non-negative integers")
-    return tuple(int(d) for d in shape)
+    dims = tuple(int(d) for d in shape)
+    count = math.prod(dims)
+    if datatype == BYTES and max_bytes_elements is not None and count > max_bytes_elements:
+        raise TooManyElements(f"input {name!r}: {count} images in one request; the limit is {max_bytes_elements}")
+    return dims
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def reshape(name: str, array: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+    try:
+        return array.reshape(dims)
+    except ValueError as exc:  # e.g. a zero next to dimensions too large for NumPy
+        raise TensorError(f"input {name!r}: shape {list(dims)}: {exc}") from None
+
+
+def from_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, max_bytes_elements: int | None = None
+) -> np.ndarray:
     """A tensor from its raw bytes (binary extension, gRPC raw contents)."""
-    dims = check_shape(name, shape)
+    dims = check_shape(name, shape, datatype, max_bytes_elements)
     count = math.prod(dims)
     if datatype == BYTES:
-        return _bytes_elements(name, raw, count).reshape(dims)
+        return reshape(name, _bytes_elements(name, raw, count), dims)
     dtype = _dtype(name, datatype)
     if len(raw) != count * dtype.itemsize:
         raise TensorError(
             f"input {name!r}: {len(raw)} bytes of data for shape {list(dims)} of {datatype} "
             f"({count * dtype.itemsize} expected)"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+    return reshape(name, np.frombuffer(raw, dtype=dtype), dims)
 
 
-def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
+def from_json(
+    name: str, datatype: str, shape: Sequence[int], data: Any, max_bytes_elements: int | None = None
+) -> np.ndarray:
     """A tensor from the JSON form's `data` (flat or nested; `BYTES` elements as base64 strings)."""
-    dims = check_shape(name, shape)
+    dims = check_shape(name, shape, datatype, max_bytes_elements)
     count = math.prod(dims)
     flat = data if isinstance(data, list) and not (data and isinstance(data[0], list)) else list(_flatten(data))
     if len(flat) != count:
@@ -90,13 +113,13 @@ def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.n
                 array[i] = base64.b64decode(element, validate=True)
             except (binascii.Error, ValueError):
                 raise TensorError(f"input {name!r}: element {i} is not valid base64") from None
-        return array.reshape(dims)
+        return reshape(name, array, dims)
     dtype = _dtype(name, datatype)
     try:
         values = np.asarray(flat)
         if values.dtype.kind not in "biuf" or values.ndim != 1:  # strings, nested lists, objects, null
             raise ValueError("elements must be numbers")
-        return values.astype(dtype).reshape(dims)
+        return reshape(name, values.astype(dtype), dims)
     except (TypeError, ValueError, OverflowError) as exc:
         raise TensorError(f"input {name!r}: the data are not {datatype} ({exc})") from None
 
@@ -124,6 +147,8 @@ def _dtype(name: str, datatype: str) -> np.dtype[Any]:
 
 
 def _bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
+    if count * _LENGTH.size > len(raw):  # checked before allocating: the shape alone could ask for anything
+        raise TensorError(f"input {name!r}: {len(raw)} bytes cannot hold {count} BYTES elements")
     elements = np.empty(count, dtype=np.object_)
     view, offset = memoryview(raw), 0
     for i in range(count):

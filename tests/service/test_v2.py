@@ -57,14 +57,16 @@ def classifier_folder(tmp_path: Path, name: str = "classifier", version: str = "
 
 
 def app_with(folders: list[Any], backends: dict[str, FakeBackend] | None = None, **settings: Any) -> FastAPI:
-    """An app over these folders; a folder's backend is `backends[folder name]` unless that one was
-    closed, else a new fake (recorded there)."""
+    """An app over these folders. Each load of a folder gets a fresh fake, recorded as `backends[folder
+    name]`, unless the test put one there that no load has taken yet."""
     made = backends if backends is not None else {}
+    taken: set[int] = set()
 
     def loader(checked: Any, _: Settings) -> FakeBackend:
         name = checked.folder.name
-        if name not in made or made[name].closed:
+        if name not in made or id(made[name]) in taken:
             made[name] = FakeBackend(by_brightness)
+        taken.add(id(made[name]))
         return made[name]
 
     return create_app(Settings(models=folders, **settings), loader)
@@ -100,7 +102,8 @@ def test_tensors_round_trip_in_both_wire_forms() -> None:
         (lambda: tensors.from_raw("x", "FP32", [-1], b""), "must be non-negative integers"),
         (lambda: tensors.from_raw("x", "BYTES", [1], b"\x09\0\0\0abc"), "cut short"),
         (lambda: tensors.from_raw("x", "BYTES", [1], b"\x01\0\0\0ab"), "1 bytes left over"),
-        (lambda: tensors.from_raw("x", "BYTES", [2], b"\x01\0\0\0a"), "end before element 2"),
+        (lambda: tensors.from_raw("x", "BYTES", [2], b"\x01\0\0\0a\0\0\0"), "end before element 2"),
+        (lambda: tensors.from_raw("x", "BYTES", [10**12], b"\0" * 8), "8 bytes cannot hold 1000000000000"),
         (lambda: tensors.from_json("x", "FP32", [3], [1, 2]), "2 elements for shape [3]"),
         (lambda: tensors.from_json("x", "FP32", [2], ["1", 2]), "the data are not FP32"),
         (lambda: tensors.from_json("x", "FP32", [2], [1, None]), "the data are not FP32"),
@@ -396,18 +399,20 @@ async def test_version_switch_under_load_fails_no_request(tmp_path: Path) -> Non
         backends["v1"].delay_s = 0.01  # requests are in flight at every switch
         clients = [asyncio.ensure_future(traffic(client, v2=i % 2 == 0)) for i in range(6)]
         for folder in (folders[1], folders[2], folders[1]):
-            await until(lambda: len(statuses) > 20)
+            mark = len(statuses)
+            await until(lambda: len(statuses) > mark + 20)  # noqa: B023 (the loop waits here)
             loaded = await client.post(
                 "/v2/repository/models/focal_tiny/load", headers=ADMIN, json={"parameters": {"folder": str(folder)}}
             )
             assert loaded.status_code == 200, loaded.text
             backends[folder.name].delay_s = 0.01
-            statuses.clear()
-        await until(lambda: len(statuses) > 20)
+        mark = len(statuses)
+        await until(lambda: len(statuses) > mark + 20)
         stop.set()
         await asyncio.gather(*clients)
-        await until(lambda: not app.state.service.retiring)
-        assert set(statuses) == {200}
+        await until(lambda: not app.state.service.repository_tasks)
+        assert set(statuses) == {200}  # every request of the whole run, switches included
+        assert "?" not in versions
         assert versions[-1] == "2"
         assert {"1", "3"} <= set(versions)
         assert backends["v1"].closed
@@ -469,7 +474,15 @@ async def test_grpc_in_process(tmp_path: Path) -> None:
 
     port = free_port()
     backends: dict[str, FakeBackend] = {}
-    app = app_with([classifier_folder(tmp_path)], backends, grpc_port=port, admin_token=TOKEN, host="127.0.0.1")
+    app = app_with(
+        [classifier_folder(tmp_path)],
+        backends,
+        grpc_port=port,
+        admin_token=TOKEN,
+        host="127.0.0.1",
+        max_batch_size=1,
+        max_queue_size=2,
+    )
     async with running_app(app) as http:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         try:
@@ -506,10 +519,24 @@ async def test_grpc_in_process(tmp_path: Path) -> None:
             index = await client.get_model_repository_index(headers={"authorization": f"Bearer {TOKEN}"}, as_json=True)
             assert index["models"] == [{"name": "focal_tiny", "version": "1", "state": "READY"}]
 
-            backends["classifier"].hold = threading.Event()  # the call's deadline is the request's
-            late = client.infer("focal_tiny", [given], client_timeout=0.3)
-            assert await code_of(late) == "StatusCode.DEADLINE_EXCEEDED"
-            backends["classifier"].hold.set()
+            auth = {"authorization": f"Bearer {TOKEN}"}
+            await client.load_model("focal_tiny", headers=auth)  # reloaded from its folder: a fresh backend
+            assert await client.is_model_ready("focal_tiny")
+
+            # One call running (held), two queued, the rest refused at once; the queued ones reach the
+            # call's deadline, which is the request's.
+            backend = backends["classifier"]
+            backend.hold, started = threading.Event(), len(backend.sizes)
+            one = grpcclient.InferInput("pixels", [1, 3, *SIZE], "FP32")
+            one.set_data_from_numpy(pixels(1))
+            calls = [asyncio.ensure_future(code_of(client.infer("focal_tiny", [one], client_timeout=0.5)))]
+            await until(lambda: len(backend.sizes) > started)
+            calls += [asyncio.ensure_future(code_of(client.infer("focal_tiny", [one], client_timeout=0.5)))
+                      for _ in range(5)]  # fmt: skip
+            codes = await asyncio.gather(*calls)
+            backend.hold.set()
+            assert sorted(codes).count("StatusCode.RESOURCE_EXHAUSTED") == 3, codes
+            assert sorted(codes).count("StatusCode.DEADLINE_EXCEEDED") == 3, codes
 
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:  # grpc.health.v1 for probes
                 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -534,3 +561,104 @@ def test_manifest_version_default_and_check(tmp_path: Path) -> None:
     del data["model_version"]  # manifests written before the field read as version 1
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     assert read_manifest(folder).model_version == "1"
+
+
+# -- limits, malformed input, readiness, and the repository's edges -----------------------------------------
+async def test_sizes_are_checked_before_anything_is_decoded(tmp_path: Path) -> None:
+    async with running_app(app_with([classifier_folder(tmp_path)], max_images_per_request=2)) as client:
+        url = "/v2/models/focal_tiny/infer"
+        many = {"inputs": [{"name": f"x{i}", "datatype": "FP32", "shape": [1], "data": [0]} for i in range(5)]}
+        assert (await client.post(url, json=many)).status_code == 400  # at most 4 inputs, before decoding any
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image_bytes",
+                        "datatype": "BYTES",
+                        "shape": [5_000_000],
+                        "parameters": {"binary_data_size": 20_000_000},
+                    }
+                ]
+            }
+        ).encode()
+        huge = await client.post(
+            url, content=head + b"\0" * 20_000_000, headers={"Inference-Header-Content-Length": str(len(head))}
+        )
+        assert huge.status_code == 413
+        assert "5000000 images in one request; the limit is 2" in huge.json()["error"]
+        odd = await client.post(url, content=head, headers={"Inference-Header-Content-Length": b"\xb2"})
+        assert odd.status_code == 400
+        zero = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "FP32",
+                        "shape": [2**40, 2**40, 0],
+                        "parameters": {"binary_data_size": 0},
+                    }
+                ]
+            }
+        ).encode()
+        answer = await client.post(url, content=zero, headers={"Inference-Header-Content-Length": str(len(zero))})
+        assert answer.status_code == 400, answer.text
+
+
+async def test_a_failing_model_is_not_ready_over_both_protocols(tmp_path: Path) -> None:
+    import tritonclient.grpc.aio as grpcclient
+
+    port = free_port()
+    backends: dict[str, FakeBackend] = {}
+    app = app_with([classifier_folder(tmp_path)], backends, failing_after_batches=1, probe_backoff_s=60, grpc_port=port)
+    body = infer_body([{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}])
+    async with running_app(app) as client:
+        backends["classifier"].failing = "CUDA error"
+        assert (await client.post("/v2/models/focal_tiny/infer", json=body)).status_code == 500
+        ready = await client.get("/v2/models/focal_tiny/ready")
+        assert ready.status_code == 503  # tritonclient.http reads readiness from the status alone
+        assert "failing" in ready.json()["error"]
+        grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert not await grpc_client.is_model_ready("focal_tiny")
+        finally:
+            await grpc_client.close()
+
+
+async def test_repository_refuses_changes_while_the_server_starts(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def slow(checked: Any, _: Settings) -> FakeBackend:
+        release.wait(10)
+        return FakeBackend(by_brightness)
+
+    app = create_app(Settings(models=[classifier_folder(tmp_path)], admin_token=TOKEN), slow)
+    async with running_app(app, ready=False) as client:
+        refused = await client.post("/v2/repository/models/focal_tiny/load", headers=ADMIN)
+        assert refused.status_code == 503
+        assert "still loading its models" in refused.json()["error"]
+        release.set()
+
+
+async def test_an_unload_whose_caller_goes_away_still_closes_the_model(tmp_path: Path) -> None:
+    from service import repository
+
+    backends: dict[str, FakeBackend] = {}
+    app = app_with([classifier_folder(tmp_path)], backends)
+    async with running_app(app):
+        state = app.state.service
+        with state.models["focal_tiny"].lease():  # a request still running on it
+            call = asyncio.ensure_future(repository.unload_model(state, "focal_tiny"))
+            await until(lambda: "focal_tiny" not in state.models)
+            call.cancel()  # the client (a gRPC deadline, a closed connection) is gone
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert not backends["classifier"].closed
+        await until(lambda: backends["classifier"].closed)  # the unload went on without its caller
+
+
+def test_settings_refuse_one_port_for_both_protocols() -> None:
+    with pytest.raises(ValueError, match="give gRPC its own port"):
+        Settings(port=9000, grpc_port=9000)
+    token = Settings(admin_token="  a-token-of-20-chars\n").admin_token  # read from a file: a newline at the end
+    assert token is not None
+    assert token.get_secret_value() == "a-token-of-20-chars"
