@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 from service.images import decode_with_size
 from service.launch import free_port, running_server
 from service.tasks.classify import CenterCrop
+from service.tasks.detect import Letterbox
 from tests.conftest import HORSE, ClassifyExport, DetectExport
 from tests.support import encode, photo
 
@@ -126,6 +127,25 @@ def test_open_inference_protocol_clients_match_the_own_api(
             assert np.array_equal(rows[:count, 5], own_rows[:, 5])
             assert np.abs(rows[:count, :5] - own_rows[:, :5]).max() < 1e-3  # float32 pixels of a 1280x960 image
             assert not rows[count:].any()
+
+        # The detector's canvas as an FP32 tensor (the service's own letterbox, done here): the same
+        # detections in canvas pixels. A square image fills the canvas, so both clip boxes alike.
+        square = encode(photo((640, 640), seed=5), "JPEG", quality=90)
+        letterbox = Letterbox.from_manifest(detect_export.manifest.preprocess)
+        image, size = decode_with_size(square, 10**8, letterbox.draft_short_side)
+        placed = letterbox.to_canvas(image, size)
+        scale = placed.scale[0]
+        for module, client in clients:
+            forms = [{"binary_data": True}, {"binary_data": False}] if module is httpclient else [{}]
+            from_bytes = client.infer("focal_tiny_retinanet", [_bytes_input(module, [square])])
+            count = int(from_bytes.as_numpy("num_detections")[0])
+            assert count > 0
+            for form in forms:
+                canvas = client.infer("focal_tiny_retinanet", [_pixels_input(module, placed.pixels[None], **form)])
+                assert int(canvas.as_numpy("num_detections")[0]) == count
+                rows, image_rows = canvas.as_numpy("detections")[0], from_bytes.as_numpy("detections")[0]
+                assert np.array_equal(rows[:count, 4:], image_rows[:count, 4:])
+                assert np.abs(rows[:count, :4] / scale - image_rows[:count, :4]).max() < 1e-2
         http.close()
         grpc.close()
 
