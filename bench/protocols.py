@@ -32,12 +32,11 @@ from typing import Any
 
 import grpc
 import httpx
-import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench.cpu_throughput import RESULTS, _cpu_name
-from bench.load import sample_jpeg
+from bench.load import _percentile, sample_jpeg
 from export.options import ExportOptions
 from export.pipeline import run_export
 from service.launch import free_port, running_server
@@ -49,10 +48,6 @@ MODELS = {
     "focal_tiny": {},
 }
 Send = Callable[[], Awaitable[bool]]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 async def _drive(send: Send, concurrency: int, seconds: float) -> dict[str, Any]:
