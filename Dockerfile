@@ -69,8 +69,11 @@ RUN apt-get update \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin focal \
     && mkdir -p /models /cache /home/focal \
     && chown 10001:10001 /models /cache /home/focal
+# TensorRT 10.x (10.4+: strongly typed networks) on the CUDA 12.6 base. TensorRT 11's CUDA 12 builds
+# are CUDA 12.9 (driver R575+): for it, build with
+# --build-arg CUDA_IMAGE=nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04 and "tensorrt-cu12>=11,<12" below.
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir "$(find /wheels -name 'focal_serve-*.whl')[gpu]" \
+RUN pip install --no-cache-dir "$(find /wheels -name 'focal_serve-*.whl')[gpu]" "tensorrt-cu12>=10.4,<11" \
     && rm -rf /wheels
 USER 10001
 WORKDIR /cache

@@ -65,6 +65,8 @@ def ensure_engine(
     if (
         previous is not None
         and all(getattr(previous, k) == v for k, v in target.items())
+        and previous.strongly_typed
+        and not previous.tf32  # engines from before strong typing and cleared TF32 are rebuilt
         and manifest.intact(folder, [previous.path])
     ):
         log(f"reusing {previous.path} (built for {probe.gpu_name}, TensorRT {probe.tensorrt_version})")

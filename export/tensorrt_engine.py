@@ -4,12 +4,15 @@ Kept small and isolated: nothing else in the project imports `tensorrt`. It
 cannot run on machines without TensorRT and a CUDA GPU (CI has neither); there
 `probe()` says why and the export records that reason instead of an engine.
 
-- TensorRT 10 has `BuilderFlag.FP16`: an fp16 engine is built from the fp32 ONNX
-  with that flag, with LayerNorm and Softmax layers constrained to fp32, and in a
-  detector every floating-point layer after the TopK too (box decoding), as the
-  fp16 ONNX has it.
-- TensorRT 11 removed the flag (networks are strongly typed): an fp16 engine is
-  built from the fp16 ONNX, whose casts already keep LayerNorm/Softmax in fp32.
+- Every engine is built **strongly typed** from the ONNX the export verified: the
+  fp16 ONNX for an fp16 engine (its casts keep LayerNorm, Softmax and a detector's
+  box decoding in fp32), the fp32 ONNX otherwise. So the engine computes in the
+  types the verification checked, on TensorRT 10.4+ (the `STRONGLY_TYPED` network
+  flag) and 11 (always strongly typed) alike. Older TensorRT is refused: its only
+  fp16 path, `BuilderFlag.FP16` with per-layer fp32 pins, does not guarantee the pins.
+- TF32 is cleared, so fp32 layers compute in fp32 (the manifest's `engine.tf32`).
+- The timing cache is an optimisation only: a damaged, foreign or refused cache
+  falls back to an empty one with a warning and never fails a build.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def probe() -> TensorRTProbe:
     if isinstance(gpu, str):
         return TensorRTProbe(False, gpu, tensorrt_version=trt.__version__)
     name, capability = gpu
+    reason = _unsupported(trt)
+    if reason:
+        return TensorRTProbe(
+            False, reason, tensorrt_version=trt.__version__, gpu_name=name, compute_capability=capability
+        )
     return TensorRTProbe(True, tensorrt_version=trt.__version__, gpu_name=name, compute_capability=capability)
 
 
@@ -83,20 +91,17 @@ def build_engine(
     timing_cache: Path | None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build and serialise an engine with one optimisation profile over the batch axis."""
+    """Build and serialise an engine with one optimisation profile over the batch axis, strongly
+    typed from the ONNX the export verified (the fp16 one for an fp16 engine), TF32 off."""
     import tensorrt as trt
 
-    fp16 = fp16_onnx is not None
-    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
-    strongly_typed = fp16 and not has_fp16_flag
-    source = fp16_onnx if strongly_typed and fp16_onnx is not None else fp32_onnx
-
+    reason = _unsupported(trt)
+    if reason:
+        raise EngineError(reason)
+    source = fp16_onnx if fp16_onnx is not None else fp32_onnx
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(_strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -104,21 +109,9 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16 and has_fp16_flag:  # TensorRT 10: mixed precision by flag, LayerNorm/Softmax pinned to fp32
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in pinned:
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-        for layer in _detection_tail(trt, network):
-            floats = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in (trt.float32, trt.float16)]
-            if floats and layer.type != trt.LayerType.CAST:  # a Cast's output type is its own business
-                layer.precision = trt.float32
-                for j in floats:
-                    layer.set_output_type(j, trt.float32)
+    tf32 = False
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 matmuls and convolutions would run as TF32
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     lo, opt, hi = batch
     profile = builder.create_optimization_profile()
@@ -126,48 +119,64 @@ def build_engine(
     if config.add_optimization_profile(profile) < 0:
         raise EngineError(f"invalid optimisation profile for batch {lo}/{opt}/{hi}")
 
-    save_cache = False
-    if timing_cache is not None:
-        previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        accepted = config.set_timing_cache(config.create_timing_cache(previous), ignore_mismatch=False)
-        if previous and not accepted:  # made on another GPU type or TensorRT: keep it for its owner
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-            log(f"timing cache {timing_cache} is from another GPU or TensorRT version: not used, not overwritten")
-        else:
-            save_cache = True
-            log(f"timing cache {timing_cache} ({'reused' if previous else 'new'})")
-
+    save_cache = _use_timing_cache(config, timing_cache, log) if timing_cache is not None else False
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError("TensorRT failed to build the engine (see its log above)")
     engine_path.write_bytes(bytes(serialized))
     if timing_cache is not None and save_cache:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {
-        "built_from": source.name,
-        "strongly_typed": strongly_typed,
-        "fp16_flag": fp16 and has_fp16_flag,
-    }
+        try:
+            timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        except Exception as exc:  # a cache is an optimisation: never fail a finished build over it
+            log(f"warning: timing cache {timing_cache} not saved ({type(exc).__name__}: {exc})")
+    return {"built_from": source.name, "strongly_typed": True, "fp16_flag": False, "tf32": tf32}
 
 
-def _detection_tail(trt: Any, network: Any) -> list[Any]:
-    """The TopK layers, the layers they feed (directly or not) and the constants those read:
-    a detector's selection and box decoding.
+def _unsupported(trt: Any) -> str | None:
+    """Why this TensorRT cannot build this project's engines (None: it can)."""
+    if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return (
+            f"TensorRT {trt.__version__} has no strongly typed networks (TensorRT 10.4 added them); "
+            "install tensorrt-cu12>=10.4"
+        )
+    return None
 
-    Layers are listed in the order the parser added them, which is the ONNX graph's
-    topological order."""
-    tainted: set[str] = set()
-    constants: dict[str, Any] = {}
-    tail: list[Any] = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        inputs = [t.name for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None]
-        outputs = {layer.get_output(j).name for j in range(layer.num_outputs)}
-        if layer.type == trt.LayerType.CONSTANT:
-            constants.update(dict.fromkeys(outputs, layer))
-        elif layer.type == trt.LayerType.TOPK or any(name in tainted for name in inputs):
-            tainted |= outputs
-            tail.extend(constants.pop(name) for name in inputs if name in constants)
-            tail.append(layer)
-    return tail
+
+def _strongly_typed_flags(trt: Any) -> int:
+    """`create_network`'s flags for a strongly typed network. TensorRT 11 has no other kind: there the
+    flag is renumbered (0) and ignored, so no flag is set."""
+    if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11: weak typing is gone with the precision flags
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def _use_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> bool:
+    """Give the build the cache in `path` (or an empty one); True when the cache may be saved back.
+
+    A corrupt or other-version file can make `create_timing_cache` return None, and
+    `set_timing_cache` says False for a cache from another GPU type: both fall back to an empty
+    cache with a warning (a cache that is not ours is left as it is). Never fails the build."""
+    try:
+        previous = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        log(f"warning: timing cache {path} unreadable ({exc}): building without it")
+        return False
+    try:
+        cache = config.create_timing_cache(previous) if previous else None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            log(f"timing cache {path} (reused)")
+            return True
+        if previous:
+            why = "unreadable (damaged, or another TensorRT version)" if cache is None else "from another GPU type"
+            log(f"warning: timing cache {path} is {why}: building with an empty cache; the file is left as it is")
+        empty = config.create_timing_cache(b"")
+        if empty is None or not config.set_timing_cache(empty, ignore_mismatch=False):
+            log("warning: TensorRT refused an empty timing cache: building without one")
+            return False
+        if not previous:
+            log(f"timing cache {path} (new)")
+        return not previous  # a foreign or damaged file is not overwritten
+    except Exception as exc:
+        log(f"warning: timing cache {path} not used ({type(exc).__name__}: {exc})")
+        return False

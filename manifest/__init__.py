@@ -117,8 +117,11 @@ class Engine(_Strict):
     batch: BatchProfile
     onnx_sha256: str = Field(description="of the ONNX it was built from")
     built_from: str
-    strongly_typed: bool
-    fp16_flag: bool
+    strongly_typed: bool = Field(description="built as a strongly typed network: it computes in the ONNX's types")
+    fp16_flag: bool = Field(
+        False, description="built with TensorRT 10's FP16 flag (engines from before strong typing: rebuilt)"
+    )
+    tf32: bool = Field(True, description="fp32 layers may compute as TF32 (cleared in every engine built now)")
 
 
 class DetectionLevel(_Strict):

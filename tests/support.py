@@ -320,7 +320,7 @@ def engine_folder(tmp_path: Path, version: str = "10.16.0", capability: str = "9
     manifest.engine = Engine(
         path="model.engine", tensorrt_version=version, gpu_name="Fake GPU H100", compute_capability=capability,
         precision="fp16", batch=BatchProfile(min=1, opt=2, max=4), onnx_sha256="0" * 64,
-        built_from="model.fp16.onnx", strongly_typed=True, fp16_flag=False,
+        built_from="model.fp16.onnx", strongly_typed=True, fp16_flag=False, tf32=False,
     )  # fmt: skip
     manifest.sha256["model.engine"] = sha256_file(folder / "model.engine")
     manifest.write(folder)

@@ -262,3 +262,19 @@ def test_kserve_pod_passes_strict_schema_validation(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(pod))
     result = _run(_tool("kubernetes-validate"), "--strict", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gpu_pins_admit_the_versions_the_code_is_written_for() -> None:
+    """cuda-python 12.6.0 has no `cuda.bindings` (12.6.1 has); TensorRT 10.4 is the first with strongly
+    typed networks, and the 11.x branch is written for too."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {r.name: r.specifier for r in map(Requirement, extras["gpu"])}
+    assert "12.6.0" not in pins["cuda-python"]
+    assert "12.6.1" in pins["cuda-python"]
+    assert "10.3.0" not in pins["tensorrt-cu12"]
+    for version in ("10.4.0", "10.16.0", "11.1.0"):
+        assert version in pins["tensorrt-cu12"], version
+    assert '"tensorrt-cu12>=10.4,<11"' in (ROOT / "Dockerfile").read_text()  # the CUDA 12.6 image's own pin

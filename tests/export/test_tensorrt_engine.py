@@ -2,9 +2,11 @@
 
 The real build runs only where TensorRT and a CUDA GPU exist (never in CI): those
 tests are marked `tensorrt` and skip otherwise. The fake-module tests exist
-because no real TensorRT can run here: they check only that `build_engine`
-drives the documented TensorRT 10 and 11 APIs the right way (which ONNX it
-parses, which flags it sets, the profile it adds, the timing cache round trip).
+because no real TensorRT can run here: fakes shaped like TensorRT 10.3, 10.4,
+10.16 and 11.1 (flags present, removed or renumbered; timing caches that come back
+None or are refused) check only that `build_engine` drives the documented APIs the
+right way (which ONNX it parses, which flags it sets or clears, the profile it
+adds, the timing cache's fallbacks).
 """
 
 from __future__ import annotations
@@ -25,26 +27,34 @@ from tests.support import classify_manifest, model_folder
 class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self.layers: list[Any] = []
+        self.log: list[str] = []
 
 
-def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: bool = False) -> types.ModuleType:
+# What differs between the TensorRT releases the build must work with (from their Python bindings):
+# 10.3 has no strongly typed networks; 10.4 to 10.16 have them (flag bit 1) beside the FP16 flag and
+# per-layer precision; 11.x has no FP16 flag, no EXPLICIT_BATCH, no per-layer precision, and
+# STRONGLY_TYPED renumbered to 0 and ignored.
+RELEASES: dict[str, dict[str, Any]] = {
+    "10.3.0": {"fp16_flag": True, "strongly_typed": None, "explicit_batch": True},
+    "10.4.0": {"fp16_flag": True, "strongly_typed": 1, "explicit_batch": True},
+    "10.16.0": {"fp16_flag": True, "strongly_typed": 1, "explicit_batch": True},
+    "11.1.0": {"fp16_flag": False, "strongly_typed": 0, "explicit_batch": False},
+}
+
+
+def _fake_tensorrt(version: str, rec: _Recorder, cache: str = "ok") -> types.ModuleType:
+    """A `tensorrt` module shaped like `version`'s. `cache`: how its timing cache behaves with a previous
+    file ("ok"; "corrupt": create_timing_cache gives None; "foreign": set_timing_cache says False; "raises")."""
+    release = RELEASES[version]
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
-    flags = {"OBEY_PRECISION_CONSTRAINTS": "obey"} | ({"FP16": "fp16"} if has_fp16_flag else {})
-    trt.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)  # type: ignore[attr-defined]
+    weak = {"FP16": "fp16", "OBEY_PRECISION_CONSTRAINTS": "obey"} if release["fp16_flag"] else {}
+    trt.BuilderFlag = types.SimpleNamespace(TF32="tf32", **weak)  # type: ignore[attr-defined]
+    creation = {"EXPLICIT_BATCH": 0} if release["explicit_batch"] else {}
+    if release["strongly_typed"] is not None:
+        creation["STRONGLY_TYPED"] = release["strongly_typed"]
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**creation)  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")  # type: ignore[attr-defined]
-    trt.LayerType = types.SimpleNamespace(  # type: ignore[attr-defined]
-        NORMALIZATION="norm",
-        SOFTMAX="softmax",
-        MATRIX_MULTIPLY="mm",
-        TOPK="topk",
-        ELEMENTWISE="elementwise",
-        CONSTANT="constant",
-        CAST="cast",
-    )
-    trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"  # type: ignore[attr-defined]
 
     class Logger:
         WARNING = 2
@@ -52,48 +62,11 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: 
         def __init__(self, level: int) -> None:
             pass
 
-    class Tensor:
-        def __init__(self, name: str, dtype: str = "float32") -> None:
-            self.name, self.dtype = name, dtype
-
-    class Layer:
-        def __init__(self, kind: str, inputs: list[str], outputs: list[Tensor], name: str | None = None) -> None:
-            self.type, self.name, self.precision = kind, name or kind, None
-            self.inputs, self.outputs = [Tensor(n) for n in inputs], outputs
-            self.num_inputs, self.num_outputs = len(self.inputs), len(outputs)
-            rec.layers.append(self)
-
-        def get_input(self, index: int) -> Tensor:
-            return self.inputs[index]
-
-        def get_output(self, index: int) -> Tensor:
-            return self.outputs[index]
-
-        def set_output_type(self, index: int, dtype: str) -> None:
-            rec.calls.append(("output_type", (self.name, dtype)))
-
     class Network:
+        num_layers = 0
+
         def __init__(self, flags: int) -> None:
             rec.calls.append(("create_network", flags))
-            self.layers = [
-                Layer("mm", ["pixels"], [Tensor("a")]),
-                Layer("norm", ["a"], [Tensor("b")]),
-                Layer("softmax", ["b"], [Tensor("c")]),
-            ]
-            if detector:  # the tail of a detection graph: TopK, index arithmetic, box decoding
-                self.layers += [
-                    Layer("constant", [], [Tensor("anchors")], name="anchors"),
-                    Layer("constant", [], [Tensor("other")], name="other_constant"),
-                    Layer("elementwise", ["c", "other"], [Tensor("unrelated")], name="before_topk"),
-                    Layer("topk", ["c"], [Tensor("scores"), Tensor("index", "int64")]),
-                    Layer("elementwise", ["index"], [Tensor("anchor", "int64")], name="anchor_div"),
-                    Layer("cast", ["anchor"], [Tensor("class_id")], name="class_to_float"),
-                    Layer("elementwise", ["scores", "anchors"], [Tensor("boxes")], name="decode"),
-                ]
-            self.num_layers = len(self.layers)
-
-        def get_layer(self, i: int) -> Layer:
-            return self.layers[i]
 
     class Parser:
         num_errors = 0
@@ -106,6 +79,9 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: 
             return True
 
     class Cache:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
         def serialize(self) -> bytes:
             return b"cache-bytes"
 
@@ -114,21 +90,30 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: 
             rec.calls.append(("workspace", size))
 
         def set_flag(self, flag: str) -> None:
-            rec.calls.append(("flag", flag))
+            rec.calls.append(("set_flag", flag))
+
+        def clear_flag(self, flag: str) -> None:
+            rec.calls.append(("clear_flag", flag))
 
         def add_optimization_profile(self, profile: Any) -> int:
             rec.calls.append(("profile", profile.shapes))
             return 0
 
-        def create_timing_cache(self, data: bytes) -> Cache:
+        def create_timing_cache(self, data: bytes) -> Cache | None:
             rec.calls.append(("timing_cache_in", data))
-            return Cache()
+            if data and cache == "corrupt":
+                return None
+            if data and cache == "raises":
+                raise RuntimeError("unexpected cache trouble")
+            return Cache(data)
 
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-            return True
+        def set_timing_cache(self, given: Cache, ignore_mismatch: bool) -> bool:
+            accepted = not (given.data and cache == "foreign")
+            rec.calls.append(("set_timing_cache", (given.data, accepted)))
+            return accepted
 
         def get_timing_cache(self) -> Cache:
-            return Cache()
+            return Cache(b"")
 
     class Profile:
         def set_shape(self, name: str, lo: tuple[int, ...], opt: tuple[int, ...], hi: tuple[int, ...]) -> None:
@@ -148,13 +133,14 @@ def _fake_tensorrt(version: str, has_fp16_flag: bool, rec: _Recorder, detector: 
             return Profile()
 
         def build_serialized_network(self, network: Network, config: Config) -> bytes:
+            rec.calls.append(("build", None))
             return b"engine-bytes"
 
     trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, Parser  # type: ignore[attr-defined]
     return trt
 
 
-def _build(tmp_path: Path, fp16: bool, cache: Path | None = None) -> dict[str, Any]:
+def _build(tmp_path: Path, fp16: bool, rec: _Recorder, cache: Path | None = None) -> dict[str, Any]:
     return tensorrt_engine.build_engine(
         fp32_onnx=tmp_path / "model.fp32.onnx",
         fp16_onnx=tmp_path / "model.fp16.onnx" if fp16 else None,
@@ -164,45 +150,79 @@ def _build(tmp_path: Path, fp16: bool, cache: Path | None = None) -> dict[str, A
         batch=(1, 8, 32),
         workspace_bytes=1 << 30,
         timing_cache=cache,
-        log=lambda _: None,
+        log=rec.log.append,
     )
 
 
-def test_tensorrt10_fp16_uses_the_flag_on_the_fp32_onnx_and_pins_norm_and_softmax(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("version", "flags"), [("10.4.0", 1 << 1), ("10.16.0", 1 << 1), ("11.1.0", 0)])
+@pytest.mark.parametrize("fp16", [True, False])
+def test_every_engine_is_strongly_typed_from_the_verified_onnx_with_tf32_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, flags: int, fp16: bool
 ) -> None:
+    """TensorRT 10.4+ and 11 build the same way: a strongly typed network (10.x: its flag bit; 11: no
+    flag, it is the only kind) from the fp16 ONNX for an fp16 engine, no precision flag and no
+    per-layer pins (TensorRT 10's FP16 flag is gone from the code), TF32 cleared."""
     rec = _Recorder()
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.16.0", has_fp16_flag=True, rec=rec))
-    details = _build(tmp_path, fp16=True)
-    assert details == {"built_from": "model.fp32.onnx", "strongly_typed": False, "fp16_flag": True}
-    assert ("create_network", 0) in rec.calls
-    assert ("flag", "fp16") in rec.calls
-    assert ("flag", "obey") in rec.calls  # without it TensorRT 10 treats the fp32 pins as hints only
-    assert {layer.name: layer.precision for layer in rec.layers} == {
-        "mm": None,
-        "norm": "float32",
-        "softmax": "float32",
-    }
-    assert ("output_type", ("norm", "float32")) in rec.calls
-    assert ("output_type", ("softmax", "float32")) in rec.calls
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(version, rec))
+    details = _build(tmp_path, fp16, rec)
+    source = "model.fp16.onnx" if fp16 else "model.fp32.onnx"
+    assert details == {"built_from": source, "strongly_typed": True, "fp16_flag": False, "tf32": False}
+    assert ("create_network", flags) in rec.calls
+    assert ("parse", source) in rec.calls
+    assert not [c for c in rec.calls if c[0] == "set_flag"]
+    assert ("clear_flag", "tf32") in rec.calls
     assert ("profile", ("pixels", (1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))) in rec.calls
     assert (tmp_path / "model.engine").read_bytes() == b"engine-bytes"
 
 
-def test_tensorrt11_fp16_builds_strongly_typed_from_the_fp16_onnx(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tensorrt_before_strong_typing_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rec = _Recorder()
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.1.0", has_fp16_flag=False, rec=rec))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.3.0", rec))
+    with pytest.raises(tensorrt_engine.EngineError, match=r"TensorRT 10.3.0 has no strongly typed.*>=10.4"):
+        _build(tmp_path, True, rec)
+    assert not rec.calls  # nothing built
+    monkeypatch.setattr(tensorrt_engine, "_first_gpu", lambda: ("NVIDIA H100", "9.0"))
+    probe = tensorrt_engine.probe()
+    assert not probe.available
+    assert probe.reason is not None
+    assert "10.4" in probe.reason
+
+
+def test_timing_cache_new_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = _Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.16.0", rec))
     cache = tmp_path / "timing.cache"
-    details = _build(tmp_path, fp16=True, cache=cache)
-    assert details == {"built_from": "model.fp16.onnx", "strongly_typed": True, "fp16_flag": False}
-    assert ("create_network", 1 << 5) in rec.calls
-    assert not [c for c in rec.calls if c[0] == "flag"]
-    assert ("timing_cache_in", b"") in rec.calls
+    _build(tmp_path, True, rec, cache)
     assert cache.read_bytes() == b"cache-bytes"
-    _build(tmp_path, fp16=True, cache=cache)
-    assert ("timing_cache_in", b"cache-bytes") in rec.calls  # reused on the next build
+    _build(tmp_path, True, rec, cache)
+    assert ("set_timing_cache", (b"cache-bytes", True)) in rec.calls  # reused on the next build
+    assert rec.log == [f"timing cache {cache} (new)", f"timing cache {cache} (reused)"]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "warning"),
+    [
+        ("corrupt", "is unreadable (damaged, or another TensorRT version): building with an empty cache"),
+        ("foreign", "is from another GPU type: building with an empty cache"),
+        ("raises", "not used (RuntimeError: unexpected cache trouble)"),
+    ],
+)
+def test_a_bad_timing_cache_never_fails_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str, warning: str
+) -> None:
+    """create_timing_cache giving None, set_timing_cache saying False, or anything raising: the build goes
+    on (with an empty cache where TensorRT takes one), warns, and leaves the file as it was."""
+    rec = _Recorder()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.1.0", rec, cache=behaviour))
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"someone else's cache")
+    details = _build(tmp_path, True, rec, cache)
+    assert details["strongly_typed"]
+    assert ("build", None) in rec.calls
+    assert cache.read_bytes() == b"someone else's cache"
+    assert any(warning in line and line.startswith("warning:") for line in rec.log), rec.log
+    if behaviour != "raises":
+        assert ("set_timing_cache", (b"", True)) in rec.calls  # an empty cache instead
 
 
 def test_probe_without_tensorrt_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,23 +251,6 @@ def test_real_engine_build(tmp_path: Path) -> None:
     assert read_manifest(tmp_path).engine == manifest.engine
 
 
-def test_tensorrt10_fp16_keeps_a_detectors_box_decoding_in_fp32(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The TopK, every floating-point layer it feeds and the constants those read are pinned
-    to fp32; integer index layers, casts and everything before the TopK are left alone."""
-    rec = _Recorder()
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.16.0", True, rec, detector=True))
-    _build(tmp_path, fp16=True)
-    precision = {layer.name: layer.precision for layer in rec.layers}
-    assert precision["decode"] == precision["topk"] == precision["anchors"] == "float32"
-    assert ("output_type", ("decode", "float32")) in rec.calls
-    assert ("output_type", ("topk", "float32")) in rec.calls  # its values; not its int64 indices
-    assert len([c for c in rec.calls if c == ("output_type", ("topk", "float32"))]) == 1
-    for name in ("anchor_div", "class_to_float", "before_topk", "other_constant", "mm"):
-        assert precision[name] is None, name
-
-
 def test_the_engine_step_records_the_engine_reuses_it_and_rebuilds_a_damaged_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,7 +263,7 @@ def test_the_engine_step_records_the_engine_reuses_it_and_rebuilds_a_damaged_one
     def build(**kwargs: Any) -> dict[str, Any]:
         builds.append(kwargs)
         kwargs["engine_path"].write_bytes(b"engine %d" % len(builds))
-        return {"built_from": kwargs["fp32_onnx"].name, "strongly_typed": False, "fp16_flag": False}
+        return {"built_from": kwargs["fp32_onnx"].name, "strongly_typed": True, "fp16_flag": False, "tf32": False}
 
     probe = tensorrt_engine.TensorRTProbe(True, None, "10.16.0", "NVIDIA H100", "9.0")
     monkeypatch.setattr(tensorrt_engine, "probe", lambda: probe)
@@ -283,6 +286,13 @@ def test_the_engine_step_records_the_engine_reuses_it_and_rebuilds_a_damaged_one
     (folder / "model.engine").write_bytes(b"damaged")
     ensure_engine(folder, again, "auto", log=lambda _: None)
     assert len(builds) == 2
+    assert again.engine is not None
+    old = {"strongly_typed": False, "fp16_flag": True, "tf32": True}  # an engine from before strong typing
+    again.engine = again.engine.model_copy(update=old)
+    ensure_engine(folder, again, "auto", log=lambda _: None)
+    assert len(builds) == 3  # rebuilt: it did not compute what the export verified
+    assert again.engine is not None
+    assert (again.engine.strongly_typed, again.engine.fp16_flag, again.engine.tf32) == (True, False, False)
     ensure_engine(folder, again, "skip", log=lambda _: None)
     assert again.engine is None
     assert again.engine_skipped_reason == "--engine skip"
