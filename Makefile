@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ test: lint
 bench: $(VENV)/.installed
 	$(PY) -m bench.cpu_throughput
 
+# On a machine with an NVIDIA GPU: build the TensorRT engines, run the TensorRT tests, parity and load;
+# one report in bench/results/gpu_check.md. Its own environment (.venv-gpu); stops at once without a GPU.
+gpu-check:
+	bench/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-gpu artifacts .pytest_cache .mypy_cache .ruff_cache
