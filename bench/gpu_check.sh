@@ -11,11 +11,15 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 PYTHON=${PYTHON:-python3}
 VENV=${GPU_VENV:-.venv-gpu}
+# The TensorRT the gpu image ships (10.x on CUDA 12.6). TensorRT 11's CUDA 12 builds need driver R575+:
+# TENSORRT="tensorrt-cu12>=11,<12" make gpu-check. torch is the CPU build (the export needs no GPU).
+TENSORRT=${TENSORRT:-"tensorrt-cu12>=10.4,<11"}
 if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
-    echo "[setup] $VENV with .[export,gpu,bench,test]"
+    echo "[setup] $VENV with .[export,gpu,bench,test] and $TENSORRT (a few minutes, once)"
     "$PYTHON" -m venv "$VENV"
     if ! { "$VENV/bin/python" -m pip install --upgrade pip \
-           && "$VENV/bin/python" -m pip install -e '.[export,gpu,bench,test]'; } >"$VENV/install.log" 2>&1; then
+           && "$VENV/bin/python" -m pip install -e '.[export,gpu,bench,test]' "$TENSORRT" \
+                  --extra-index-url https://download.pytorch.org/whl/cpu; } >"$VENV/install.log" 2>&1; then
         echo "gpu-check: cannot run here: installing .[gpu] (TensorRT, cuda-python, onnxruntime-gpu) failed;" \
              "see $VENV/install.log" >&2
         exit 2

@@ -135,6 +135,8 @@ def build_engine(
 
 def _unsupported(trt: Any) -> str | None:
     """Why this TensorRT cannot build this project's engines (None: it can)."""
+    if not hasattr(trt.BuilderFlag, "FP16"):  # 11+: every network is strongly typed (the flag may go too)
+        return None
     if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         return (
             f"TensorRT {trt.__version__} has no strongly typed networks (TensorRT 10.4 added them); "

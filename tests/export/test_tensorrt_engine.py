@@ -39,6 +39,7 @@ RELEASES: dict[str, dict[str, Any]] = {
     "10.4.0": {"fp16_flag": True, "strongly_typed": 1, "explicit_batch": True},
     "10.16.0": {"fp16_flag": True, "strongly_typed": 1, "explicit_batch": True},
     "11.1.0": {"fp16_flag": False, "strongly_typed": 0, "explicit_batch": False},
+    "12.0.0": {"fp16_flag": False, "strongly_typed": None, "explicit_batch": False},  # the ignored flag gone too
 }
 
 
@@ -154,7 +155,7 @@ def _build(tmp_path: Path, fp16: bool, rec: _Recorder, cache: Path | None = None
     )
 
 
-@pytest.mark.parametrize(("version", "flags"), [("10.4.0", 1 << 1), ("10.16.0", 1 << 1), ("11.1.0", 0)])
+@pytest.mark.parametrize(("version", "flags"), [("10.4.0", 1 << 1), ("10.16.0", 1 << 1), ("11.1.0", 0), ("12.0.0", 0)])
 @pytest.mark.parametrize("fp16", [True, False])
 def test_every_engine_is_strongly_typed_from_the_verified_onnx_with_tf32_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, flags: int, fp16: bool
