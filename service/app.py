@@ -181,6 +181,8 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        in_progress = self.metrics.in_progress.labels(protocol)
+        in_progress.inc()
         try:
             length = headers.get("content-length", "")
             if has_body and length.isdigit() and int(length) > limit:  # refused before reading a byte of it
@@ -189,6 +191,7 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
+            in_progress.dec()
             seconds = time.perf_counter() - start
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in KNOWN_PATHS else "unmatched")

@@ -24,6 +24,9 @@ class Metrics:
             "focal_requests", "requests by protocol, endpoint and status code", ["protocol", "endpoint", "code"],
             registry=r,
         )  # fmt: skip
+        self.in_progress = Gauge(
+            "focal_requests_in_progress", "requests received and not yet answered", ["protocol"], registry=r
+        )
         self.request_seconds = Histogram(
             "focal_request_duration_seconds",
             "request latency",

@@ -8,7 +8,8 @@ What is left is mmdetection's test procedure, here:
   the static canvas (mmdetection's rounding and its OpenCV bilinear resize),
   normalised, and padded bottom/right with zeros (the mean colour).
 - `postprocess`: boxes clipped to the resized image inside the canvas (mmdetection's
-  `img_shape`), scores at or below the threshold dropped, greedy NMS per class (a box
+  `img_shape`), scores at or below the threshold dropped, boxes left with no width or
+  height by the clipping dropped (they lie in the padding), greedy NMS per class (a box
   is suppressed by a higher-scoring box of its class with IoU above the threshold),
   the best `max_detections` kept.
 - `Letterbox.to_image`: canvas boxes back to the original image's pixels, per axis.
@@ -188,6 +189,10 @@ def postprocess(
     candidates = rows[rows[:, 4] > threshold]
     width, height = placed.resized
     boxes = np.clip(candidates[:, :4].astype(np.float64), 0, [width, height, width, height])
+    # A candidate lying wholly in the padding is flat once clipped: it overlaps nothing, so NMS would
+    # never remove it and it would crowd real detections out. mmdetection drops these too (min_bbox_size 0).
+    solid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    candidates, boxes = candidates[solid], boxes[solid]
     index = nms(boxes, candidates[:, 4], candidates[:, 5], settings.iou_threshold, limit)
     kept = candidates[index]
     image_boxes = Letterbox.to_image(boxes[index], placed)

@@ -78,6 +78,8 @@ def _rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
     @functools.wraps(method)
     async def handle(self: InferenceServicer, request: Request, context: grpc.aio.ServicerContext) -> Reply:
         start, code = time.perf_counter(), grpc.StatusCode.OK
+        in_progress = self.state.metrics.in_progress.labels("v2-grpc")
+        in_progress.inc()
         try:
             return await method(self, request, context)
         except errors.ServiceError as exc:
@@ -97,6 +99,7 @@ def _rpc(method: Handler[Request, Reply]) -> Handler[Request, Reply]:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         finally:
+            in_progress.dec()
             metrics = self.state.metrics
             metrics.requests.labels("v2-grpc", method.__name__, code.name).inc()
             metrics.request_seconds.labels("v2-grpc", method.__name__).observe(time.perf_counter() - start)

@@ -115,6 +115,22 @@ def test_postprocess_thresholds_maps_back_and_clips() -> None:
     assert len(postprocess(rows, placed, settings, max_detections=1)) == 1
 
 
+def test_flat_boxes_in_the_padding_never_crowd_out_detections() -> None:
+    """The case found against mmdetection: candidates wholly in the letterbox's padding clip to flat boxes
+    (e.g. [412.2, 300, 500, 300]); they overlap nothing, so NMS kept them, and 8 of them in the top 100
+    pushed real detections out. They are dropped before NMS, as mmdetection does."""
+    settings = DetectionPostprocess(score_threshold=0.05, nms="class-aware", iou_threshold=0.5, max_detections=3)
+    flat = [[412.2 + i, 300 + 10 * i, 500, 320 + 10 * i, 0.9 - 0.01 * i, i] for i in range(8)]  # below y=300
+    real = [[10, 10, 100, 100, 0.5, 1], [200, 50, 300, 200, 0.4, 2], [50, 150, 90, 250, 0.3, 3]]
+    sideways = [[520, 10, 600, 90, 0.95, 5]]  # right of the image, in the padding: flat in x
+    rows = np.asarray(flat + real + sideways, dtype=np.float32)
+    # A 1000x600 image letterboxed into 640x640: resized to 500x300, scale 0.5.
+    placed = Letterboxed(np.zeros(0), (1000, 600), (500, 300), (0.5, 0.5))
+    found = postprocess(rows, placed, settings)
+    assert [f[5] for f in found] == [1, 2, 3]
+    assert all(f[2] > f[0] and f[3] > f[1] for f in found)
+
+
 def test_to_image_inverts_to_canvas() -> None:
     """A box drawn on the image lands where the letterbox put it, and maps back to where it was drawn."""
     spec = Letterbox(canvas=(64, 96), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -160,16 +176,18 @@ async def test_detections_in_image_pixels_with_labels_and_bounded_parameters(tmp
 
 
 # -- exact boxes, end to end on a real export -------------------------------------------------------------
-def expected_detections(width: int, height: int, resized: tuple[int, int]) -> np.ndarray:
+def expected_detections(width: int, height: int, resized: tuple[int, int], limit: int = 100) -> np.ndarray:
     """What the constructed detector must return for a width x height image, computed plainly:
     each level's first 1000 (HORSE_ANCHOR, HORSE) anchors in location order (all tie; the lower index
-    wins), clipped to the canvas, then to the resized image, NMS, and scaled back per axis."""
+    wins), clipped to the canvas, then to the resized image, the ones left flat (wholly in the padding)
+    dropped, NMS, and scaled back per axis."""
     boxes = []
     for size, stride in zip(level_sizes(DETECT_CANVAS), [8, 16, 32, 64, 128], strict=True):
         anchors = reference_anchors(size, stride)[HORSE_ANCHOR::9][:1000]
         boxes.append(np.clip(anchors, 0, [DETECT_CANVAS[1], DETECT_CANVAS[0]] * 2))
     stacked = np.clip(np.concatenate(boxes), 0, [resized[0], resized[1]] * 2)
-    keep = reference_nms(stacked, np.ones(len(stacked)), np.zeros(len(stacked)), 0.5, 100)
+    stacked = stacked[(stacked[:, 2] > stacked[:, 0]) & (stacked[:, 3] > stacked[:, 1])]
+    keep = reference_nms(stacked, np.ones(len(stacked)), np.zeros(len(stacked)), 0.5, limit)
     sx, sy = resized[0] / width, resized[1] / height
     return np.asarray(stacked[keep] / [sx, sy, sx, sy])
 
@@ -177,7 +195,10 @@ def expected_detections(width: int, height: int, resized: tuple[int, int]) -> np
 async def test_constructed_detector_boxes_come_back_in_original_pixels(detect_export: DetectExport) -> None:
     """A 121x200 PNG into 128x128: scale 0.64, resized to 77x128 (sx != sy). A 1400x700 JPEG is
     decoded at reduced scale (JPEG draft: the canvas needs no more), but its boxes must refer to the
-    full image; with EXIF orientation, to the upright image."""
+    full image; with EXIF orientation, to the upright image. The best 40 are compared: every candidate
+    ties, and in the coarse levels the TopK kernel orders tied candidates its own way, which the plain
+    reference (location order) does not reproduce. Once flat boxes no longer take places, NMS reaches
+    those levels: the two orders part at the 49th and 63rd detection of these images, not before."""
     large = photo((1400, 700), seed=4)
     cases: list[tuple[bytes, str, tuple[int, int], tuple[int, int]]] = [
         (encode(photo((121, 200)), "PNG"), "image/png", (121, 200), (77, 128)),
@@ -186,7 +207,9 @@ async def test_constructed_detector_boxes_come_back_in_original_pixels(detect_ex
     ]
     async with running_app(create_app(Settings(models=[detect_export.folder], max_batch_size=4))) as client:
         responses = [
-            await client.post("/detect?score_threshold=0.5", content=data, headers={"Content-Type": kind})
+            await client.post(
+                "/detect?score_threshold=0.5&max_detections=40", content=data, headers={"Content-Type": kind}
+            )
             for data, kind, _, _ in cases
         ]
         files = [("image", ("a.png", cases[0][0], "image/png")), ("image", ("b.jpg", cases[1][0], "image/jpeg"))]
@@ -201,8 +224,8 @@ async def test_constructed_detector_boxes_come_back_in_original_pixels(detect_ex
         found = result["detections"]
         assert {(d["label"], d["class_id"]) for d in found} == {("horse", HORSE)}
         assert all(d["score"] == pytest.approx(1 / (1 + np.exp(-8.0)), rel=1e-6) for d in found)
-        expected = expected_detections(*size, resized)
-        assert len(found) == len(expected) == min(100, len(expected))
+        expected = expected_detections(*size, resized, limit=40)
+        assert len(found) == len(expected) == 40
         np.testing.assert_allclose(np.asarray([d["box"] for d in found]), expected, atol=5e-3)
     assert [r["image_size"] for r in several.json()["results"]] == [[121, 200], [1400, 700]]
     assert all(len(r["detections"]) == 7 for r in several.json()["results"])

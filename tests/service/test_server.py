@@ -6,6 +6,7 @@ tested in-process."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from typing import Any
@@ -53,6 +54,12 @@ def test_detect_smoke(detect_export: DetectExport) -> None:
     result = response.json()["results"][0]
     assert result["image_size"] == [1280, 960]
     assert [d["class_id"] for d in result["detections"]] == [HORSE] * 3
+
+
+def _in_progress(url: str, protocol: str) -> int:
+    text = httpx.get(f"{url}/metrics").text
+    found = re.search(rf'^focal_requests_in_progress\{{protocol="{protocol}"\}} (\S+)', text, re.MULTILINE)
+    return int(float(found.group(1))) if found else 0
 
 
 def _bytes_input(module: Any, images: list[bytes]) -> Any:
@@ -159,6 +166,7 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: C
 
         async def scenario() -> tuple[list[Any], list[Any], int, str]:
             finished: list[float] = []
+            grpc_finished: list[float] = []  # one answered: the channel is up and every gRPC call was sent
 
             async def one(client: httpx.AsyncClient) -> httpx.Response:
                 response = await client.post(
@@ -170,13 +178,15 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: C
             async def one_grpc(client: grpc_aio.InferenceServerClient) -> Any:
                 result = await client.infer("focal_tiny", [_bytes_input(grpc_aio, [LARGE_JPEG])])
                 finished.append(time.monotonic())
+                grpc_finished.append(time.monotonic())
                 return result
 
             grpc_client = grpc_aio.InferenceServerClient(f"127.0.0.1:{grpc_port}")
             async with httpx.AsyncClient(timeout=60) as client:
                 tasks = [asyncio.ensure_future(one(client)) for _ in range(32)]
                 grpc_tasks = [asyncio.ensure_future(one_grpc(grpc_client)) for _ in range(8)]
-                while not finished:  # the first answers came back: the rest is queued or running
+                # Every gRPC call received (running, or answered) and an answer back: the rest is queued or running.
+                while not finished or _in_progress(server.url, "v2-grpc") + len(grpc_finished) < 8:
                     await asyncio.sleep(0.005)
                 server.process.send_signal(signal.SIGTERM)
                 pending = 40 - len(finished)
@@ -196,7 +206,8 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: C
 
         results, grpc_results, pending, late_outcome = asyncio.run(scenario())
         assert [r.status_code for r in results if isinstance(r, httpx.Response)] == [200] * 32, results
-        assert all(r.as_numpy("logits").shape == (1, 10) for r in grpc_results), grpc_results  # none an exception
+        assert [str(r) for r in grpc_results if isinstance(r, BaseException)] == []
+        assert all(r.as_numpy("logits").shape == (1, 10) for r in grpc_results)
         assert pending >= 5  # this much work was still queued or running when the signal came
         assert late_outcome in ("refused", "503")
         assert server.process.wait(timeout=60) == 0
