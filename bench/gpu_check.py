@@ -34,7 +34,7 @@ import numpy as np
 
 # No import here that needs onnxruntime, torch or TensorRT: the preflight must be able to say what is
 # missing in one line.
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # bench.cpu_throughput's, which imports torch
 WORK = Path("artifacts") / "gpu-check"
 PARITY_LIMIT = 1e-2  # relative to the output's scale: the export's own fp16 bound
 MODELS = {

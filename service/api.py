@@ -80,7 +80,7 @@ async def run_images(
 ) -> tuple[list[Placed], list[np.ndarray]]:
     """The request's images, each through the task's transform and the model: (placed, output) pairs in order."""
     inference.admit(state, model)
-    blobs = await _read_images(request, state.settings.max_images_per_request)
+    blobs = await _read_images(request, state)
     placed = await inference.prepare(state, model, blobs)
     try:
         outputs = await inference.infer(
@@ -91,15 +91,14 @@ async def run_images(
     return placed, outputs
 
 
-async def _read_images(request: Request, limit: int) -> list[bytes]:
+async def _read_images(request: Request, state: ServiceState) -> list[bytes]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         form = await request.form()  # Starlette's own caps (1000 parts) sit above ours; the body limit bounds size
         parts = form.getlist("image")
         if not parts:
             raise errors.BadImage("the multipart body has no part named 'image'")
-        if len(parts) > limit:
-            raise errors.PayloadTooLarge(f"{len(parts)} images in one request; the limit is {limit}")
+        inference.check_image_count(state, len(parts))  # before any part is read
         images = []
         for part in parts:
             if isinstance(part, str):

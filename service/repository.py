@@ -53,8 +53,8 @@ def check_admin(settings: Settings, authorization: str | None) -> None:
         )
 
 
-def _info_labels(model: ServedModel) -> tuple[str, ...]:
-    info = model.info()
+def _info_labels(model: ServedModel, info: dict[str, Any] | None = None) -> tuple[str, ...]:
+    info = info or model.info()
     return (
         model.name, model.version, info["variant"], info["task"], info["backend"], info["device"],
         info["precision"], info["weights"],
@@ -64,7 +64,7 @@ def _info_labels(model: ServedModel) -> tuple[str, ...]:
 def announce(state: ServiceState, model: ServedModel) -> None:
     """A model now serving: its info metric and a log line."""
     info = model.info()
-    state.metrics.model_info.labels(*_info_labels(model)).set(1)
+    state.metrics.model_info.labels(*_info_labels(model, info)).set(1)
     log.info(
         "serving %s version %s from %s",
         model.name,
