@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"variant": variant.name, "image_size": list(args.image_size), **result.as_dict()}))
+        family = variant.config().family
+        print(
+            json.dumps(
+                {"variant": variant.name, "family": family, "image_size": list(args.image_size), **result.as_dict()}
+            )
+        )
         return 0
     h, w = args.image_size
     print(f"{variant.name} ({variant.official_name}) at {h}x{w}")
@@ -55,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  stage {s['stage']}: {s['resolution'][0]}x{s['resolution'][1]}x{s['dim']}, {s['blocks']} blocks, "
             f"window {s['window']} ({s['windows'][0]}x{s['windows'][1]} windows), "
-            f"keys per query {s['keys_per_query']}, neighbour ring {'yes' if s['neighbor_ring'] else 'no'}"
+            f"keys per query {s['keys_per_query']}"
+            + (
+                ""
+                if variant.config().family == "focal_fast"
+                else f", neighbour ring {'yes' if s['neighbor_ring'] else 'no'}"
+            )
         )
     return 0
 

@@ -9,6 +9,11 @@
   tables and pool layers whose window was clamped differently, creates the
   stage-4 neighbour table a 224 checkpoint lacks, and drops a head of another
   class count. Every change is reported as a `CheckpointAdaptationWarning`.
+  Focal-fast (v2): the checkpoint's top-K index buffers are kept (they define the
+  model, see `focal.topk`) once checked to be valid selections; its coordinate
+  buffers are checked against them and dropped (they are derived); a file made at
+  another size, or without index buffers, gets the official rule's selection, with
+  a warning.
 - `load_checkpoint(model, path)`: read + adapt + strict load; any remaining
   mismatch raises `CheckpointError` listing missing keys, unexpected keys and
   shape mismatches.
@@ -27,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focal import geometry
+from focal import geometry, topk
 from focal.config import FocalConfig
-from focal.model import FocalWindowAttention
+from focal.model import FocalFastAttention, FocalWindowAttention
 
 # int64 index buffers of the official model; ours are computed at build time.
 _INDEX_BUFFER = re.compile(r"(^|\.)(relative_position_index(_\d+)?|valid_ind_rolled|valid_ind_unfold_\d+|attn_mask)$")
@@ -37,6 +42,7 @@ _WINDOW_TABLE = re.compile(r"\.attn\.relative_position_bias_table$")
 _POOLED_TABLE = re.compile(r"\.attn\.relative_position_bias_table_to_windows\.\d+$")
 _NEIGHBOR_TABLE = re.compile(r"\.attn\.relative_position_bias_table_to_neighbors$")
 _POOL_WEIGHT = re.compile(r"\.pool_layers\.\d+\.weight$")
+_WINDOW_COORDS = re.compile(r"\.attn\.window_coords$")  # Focal-fast: read by the official forward, never used
 
 
 class CheckpointError(Exception):
@@ -156,12 +162,20 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
     attentions = {name: m for name, m in model.named_modules() if isinstance(m, FocalWindowAttention)}
     out: dict[str, Tensor] = {}
     notes: list[str] = []
-    dropped = 0
     keep_initialised: set[str] = set()  # model keys that keep the model's own initialisation
     classifier_keys: list[str] = []  # head/final norm of a classifier checkpoint, for a backbone
     features_only = bool(getattr(getattr(model, "config", None), "features_only", False))
 
+    fast = {name: m for name, m in model.named_modules() if isinstance(m, FocalFastAttention)}
+    derived, handled = _adapt_topk_buffers(state_dict, fast, expected, out, notes)
+    dropped = len(handled - out.keys())
+
     for key, value in state_dict.items():
+        if key in handled:
+            continue
+        if _WINDOW_COORDS.search(key) and key.rsplit(".", 1)[0] in fast:
+            dropped += 1
+            continue
         if _INDEX_BUFFER.search(key):
             dropped += 1
             note = _check_index_buffer(key, value, attentions)
@@ -202,6 +216,7 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
             out[key] = value  # a real mismatch: left for the strict check to report
 
     current = model.state_dict()
+    out.update({key: current[key] for key in derived})
     for key in sorted(set(expected) - out.keys()):
         if _NEIGHBOR_TABLE.search(key) and key not in state_dict:
             out[key] = torch.zeros(expected[key])
@@ -223,6 +238,46 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
             f"{', '.join(stage_norms)}: not in the checkpoint; kept at their initialisation (weight 1, bias 0)"
         )
     return out, notes, dropped
+
+
+def _adapt_topk_buffers(
+    state_dict: Mapping[str, Tensor],
+    fast: Mapping[str, FocalFastAttention],
+    expected: Mapping[str, torch.Size],
+    out: dict[str, Tensor],
+    notes: list[str],
+) -> tuple[set[str], set[str]]:
+    """Focal-fast's top-K buffers: the checkpoint's selections into `out` (checked), coordinates
+    checked and dropped. Returns (index keys the model derives itself, checkpoint keys handled)."""
+    derived: set[str] = set()
+    handled: set[str] = set()
+    for prefix, attn in fast.items():
+        g = attn.topk_geom
+        for level in range(len(g.level_keys)):
+            key = f"{prefix}.topk_cloest_indice_{level}"
+            coords_key = f"{prefix}.topk_cloest_coords_{level}"
+            handled.update(k for k in (key, coords_key) if k in state_dict)
+            value = state_dict.get(key)
+            if value is None or tuple(value.shape) != tuple(expected[key]):
+                derived.add(key)
+                made = "has none" if value is None else f"was made for another size {tuple(value.shape)}"
+                what = "tokens" if level == 0 else "pooled windows"
+                notes.append(
+                    f"{key}: the checkpoint {made}; each window's {g.level_keys[level]} nearest {what} are chosen "
+                    "by the official rule (torch.topk), which may keep other tie members than training did"
+                )
+                continue
+            problem = topk.selection_problem(value, g, level)
+            if problem:
+                raise CheckpointError(f"{key}: not a valid top-K selection for this model: {problem}")
+            out[key] = value.long()
+            coords = state_dict.get(coords_key)
+            if coords is not None and not torch.equal(coords.float(), topk.coordinates(value.long(), g, level)):
+                raise CheckpointError(
+                    f"{coords_key}: does not match the coordinates of {key} (query token minus key position); "
+                    "the file is inconsistent"
+                )
+    return derived, handled
 
 
 def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:

@@ -1,10 +1,12 @@
 """Model configuration and the registry of named variants.
 
 `FocalConfig` takes exactly the keyword arguments of the official
-`FocalTransformer` constructor (microsoft/Focal-Transformer,
-`classification/focal_transformer.py`), with the same defaults, so any
-official-style config can be built. The variants below are the six released
-ImageNet-1K models; their long official names are accepted as aliases.
+`FocalTransformer` constructors (microsoft/Focal-Transformer,
+`classification/focal_transformer.py` for Focal and `focal_transformer_v2.py`
+for Focal-fast, which adds `focal_topK`), with the same defaults, so any
+official-style config can be built; `family` says which of the two it is. The
+variants below are the nine released ImageNet-1K models; their long official
+names are accepted as aliases.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ TRAINING_ONLY_KWARGS = frozenset({"drop_rate", "attn_drop_rate", "drop_path_rate
 
 # Pooling methods of the official code that this implementation supports.
 SUPPORTED_FOCAL_POOLS = ("fc", "none")
+
+# The two architectures: Focal (v1: neighbour ring + pooled focal window) and Focal-fast
+# (v2: the K nearest tokens and the K nearest pooled windows, chosen when the model is built).
+FAMILIES = ("focal", "focal_fast")
+OFFICIAL_V2_TOPK = 64  # the v2 constructor's default `focal_topK`; the released configs use 128
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -36,6 +43,9 @@ class FocalConfig:
 
     `features_only=True` builds the detection backbone mode: the four stage
     outputs, each through its own LayerNorm (`norm0`..`norm3`), no head.
+    `family="focal_fast"` builds Focal-fast (the official v2 code), where
+    `focal_topK` (default 64, as there) bounds the keys of each level and
+    `expand_*` and `focal_windows` are accepted but unused, as there.
     """
 
     img_size: tuple[int, int] = (224, 224)
@@ -64,6 +74,8 @@ class FocalConfig:
     layerscale_value: float = 1e-4
     use_pre_norm: bool = False
     features_only: bool = False
+    focal_topK: int | None = None  # noqa: N815 - the official keyword; Focal-fast only (None: its default)
+    family: str = "focal"
     ignored_training_kwargs: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -79,10 +91,23 @@ class FocalConfig:
             "expand_sizes",
         ):
             set_(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.family == "focal_fast" and self.focal_topK is None:
+            set_(self, "focal_topK", OFFICIAL_V2_TOPK)
         self._validate()
 
     def _validate(self) -> None:
         n = len(self.depths)
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.family == "focal" and self.focal_topK is not None:
+            raise ValueError("focal_topK is an argument of Focal-fast (family='focal_fast'), not of Focal")
+        if self.focal_topK is not None and self.focal_topK < 1:
+            raise ValueError(f"focal_topK must be at least 1, got {self.focal_topK}")
+        if self.family == "focal_fast" and self.features_only:
+            raise NotImplementedError(
+                "Focal-fast as a detection backbone is not supported: no detector was released with it, and "
+                "it runs only at sides that are multiples of 224 (it has no padding), which detection canvases are not"
+            )
         for name in ("num_heads", "focal_levels", "focal_windows", "expand_sizes"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} needs one entry per stage ({n}), got {getattr(self, name)}")
@@ -106,6 +131,18 @@ class FocalConfig:
                     f"stage {i}: focal_level {self.focal_levels[i]} > 2 is not supported "
                     "(released models use 2: one pooled level)"
                 )
+            if self.family == "focal_fast" and self.focal_levels[i] < 1:
+                raise ValueError(f"stage {i}: Focal-fast needs focal_level 1 or 2, got {self.focal_levels[i]}")
+            if (
+                self.family == "focal_fast"
+                and self.focal_levels[i] == 2
+                and (self.focal_pool == "none" or i not in self.focal_stages)
+            ):
+                # The official v2 attention then reads a pooled map that the block never made (IndexError).
+                raise ValueError(
+                    f"stage {i}: Focal-fast with focal_level 2 needs a pooled level: focal_pool 'fc' and "
+                    "the stage in focal_stages (the official v2 code fails otherwise)"
+                )
             if self.focal_windows[i] % 2 != 1:
                 raise ValueError(f"stage {i}: focal window must be odd, got {self.focal_windows[i]}")
             if not 0 <= self.expand_sizes[i] < self.window_size:
@@ -113,7 +150,13 @@ class FocalConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FocalConfig:
-        """Build from official constructor keywords; training-only ones are dropped."""
+        """Build from official constructor keywords; training-only ones are dropped.
+
+        `focal_topK` exists only in the Focal-fast (v2) constructor, so keywords that
+        contain it build Focal-fast unless `family` says otherwise.
+        """
+        if "focal_topK" in kwargs and "family" not in kwargs:
+            kwargs = {**kwargs, "family": "focal_fast"}
         known = {f.name for f in dataclasses.fields(cls)}
         ignored = tuple(sorted(k for k in kwargs if k in TRAINING_ONLY_KWARGS))
         unknown = sorted(k for k in kwargs if k not in known and k not in TRAINING_ONLY_KWARGS)
@@ -174,6 +217,8 @@ _RELEASED_COMMON: dict[str, Any] = {
     "patch_norm": True,
 }
 _CHECKPOINT_BASE = "https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k"
+# Focal-fast (the official configs focalv2_*_useconv_patch4_window7_224): conv embedding only.
+_FAST_COMMON: dict[str, Any] = {**_RELEASED_COMMON, "use_conv_embed": True, "family": "focal_fast", "focal_topK": 128}
 
 
 def _build_registry() -> dict[str, Variant]:
@@ -188,12 +233,22 @@ def _build_registry() -> dict[str, Variant]:
                 checkpoint_url=(f"{_CHECKPOINT_BASE}/focal-{size}{'-useconv' if useconv else ''}-is224-ws7.pth"),
                 overrides={
                     **_RELEASED_COMMON,
+                    "family": "focal",
                     "embed_dim": embed_dim,
                     "depths": depths,
                     "num_heads": heads,
                     "use_conv_embed": useconv,
                 },
             )
+    for base, (embed_dim, depths, heads) in _RELEASED.items():
+        size = base.split("_")[1]
+        name = f"focal_fast_{size}"
+        registry[name] = Variant(
+            name=name,
+            official_name=f"focalv2_{size}_useconv_patch4_window7_224",
+            checkpoint_url=f"{_CHECKPOINT_BASE}/focalv2-{size}-useconv-is224-ws7.pth",
+            overrides={**_FAST_COMMON, "embed_dim": embed_dim, "depths": depths, "num_heads": heads},
+        )
     return registry
 
 

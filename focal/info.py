@@ -6,6 +6,11 @@ counted as (w + 2e)^2 - w^2 = 120 keys (the implementation attends to 132, with
 12 duplicates), windows as H*W / w^2 without padding, the stem and
 downsampling convs as patch-size kernels also for `useconv`, and each
 LayerNorm as one MAC per element.
+
+Focal-fast follows its own file's `flops()` (`focal_transformer_v2.py`): per level,
+q.k and attn.v over its K keys plus the coordinate MLP counted per window, the
+conv stem and downsampling with their real kernels (7x7 and 3x3). That gives
+5.32 G for Focal-fast-T at 224, not the 5.0 G of the official README's table.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from focal.config import FocalConfig
 from focal.model import FocalTransformer
+from focal.topk import TopKGeometry
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,8 @@ class ModelInfo:
 
 
 def official_macs(model: FocalTransformer) -> float:
+    if model.config.family == "focal_fast":
+        return _official_v2_macs(model)
     cfg = model.config
     h0, w0 = model.resolutions[0]
     p = cfg.patch_size
@@ -57,6 +65,39 @@ def official_macs(model: FocalTransformer) -> float:
     macs += cfg.num_features * h0 * w0 // (1 << cfg.num_stages)
     if not cfg.features_only:
         macs += cfg.num_features * cfg.num_classes
+    return macs
+
+
+def _official_v2_macs(model: FocalTransformer) -> float:
+    cfg = model.config
+    h0, w0 = model.resolutions[0]
+    stem_kernel = 7 if cfg.use_conv_embed else cfg.patch_size
+    macs = float(h0 * w0 * cfg.embed_dim * cfg.in_chans * stem_kernel**2)
+    if cfg.patch_norm:
+        macs += h0 * w0 * cfg.embed_dim
+    for i, (dim, (h, w)) in enumerate(zip(cfg.stage_dims(), model.resolutions, strict=True)):
+        heads = cfg.num_heads[i]
+        head_dim = dim // heads
+        for g in model.geometries[i]:
+            assert isinstance(g, TopKGeometry)
+            n = g.window_area
+            windows = h * w / g.window / g.window
+            # The official count runs over focal_level levels even where a stage has no pooled tokens.
+            keys = [min(g.top_k, h * w), min(g.top_k, g.num_windows)][: cfg.focal_levels[i]]
+            per_window = n * dim * 3 * dim + n * dim * dim
+            for level, k in enumerate(keys):
+                queries = n if level == 0 else 1  # official: N // window_size_glo**2, one pooled query
+                per_window += 2 * heads * n * head_dim * k + queries * k * (2 * head_dim + head_dim * heads)
+            macs += dim * h * w * 2 + windows * per_window  # norm1, norm2, attention
+            if g.pooled:
+                macs += windows * dim * n + windows * dim * 3 * dim  # pooling, qkv of pooled tokens
+            macs += 2 * h * w * dim * dim * cfg.mlp_ratio
+        if i < cfg.num_stages - 1:
+            kernel = 3 if cfg.use_conv_embed else 2
+            ho, wo = h // 2, w // 2
+            macs += ho * wo * 2 * dim * dim * kernel**2 + ho * wo * 2 * dim
+    macs += cfg.num_features * h0 * w0 // (1 << cfg.num_stages)
+    macs += cfg.num_features * cfg.num_classes
     return macs
 
 

@@ -29,6 +29,20 @@ How this implementation deviates from the official one:
   released model uses) raise `NotImplementedError`.
 - `features_only=True` gives the detection backbone (four NCHW stage outputs
   through `norm0`..`norm3`) instead of the classifier.
+
+Focal-fast (`family="focal_fast"`, the official `focal_transformer_v2.py`) is the
+same model with another attention (`FocalFastAttention`): each window attends to
+its K nearest tokens and K nearest pooled windows, fixed per input size, with a
+bias from a small MLP of each key's coordinate. It shares everything else here
+(stem, stages in window order, pooling, MLP, head, parameter names) and matches
+the official v2 logits to ~5e-7 on its golden fixtures. Two rules of its own:
+- **Sizes.** The official v2 code has no padding, so it runs only where every
+  stage map can be cut into whole windows (with patch size 4: sides that are
+  multiples of 224, e.g. 224, 448, 224x448). This implementation keeps that rule
+  and refuses other sizes when the model is built, naming the stage, instead of
+  inventing a padding the weights were never trained with.
+- **Neighbour sets.** The top-K selections are the checkpoint's index buffers
+  when it has them for the size, else the official rule's (see `focal.topk`).
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from focal import geometry
+from focal import geometry, topk
 from focal.config import FocalConfig
 
 # Above this many elements, a block adds its relative-position bias and its
@@ -74,12 +88,73 @@ class Mlp(nn.Module):
         return linear_tokens(self.fc2, self.act(linear_tokens(self.fc1, x)))
 
 
-class FocalWindowAttention(nn.Module):
-    """Focal self-attention over window-order tokens; parameter names as in the official code."""
+class GatheredWindowAttention(nn.Module):
+    """Attention of window-order queries to keys fetched with one constant gather.
+
+    The key table is [window-order tokens; pooled tokens]; `key_index` lists, for every
+    window, the rows of its `num_keys` keys, and `attention_bias()` is added to q.k
+    before the softmax. The two families differ only in these (`FocalWindowAttention`,
+    `FocalFastAttention`); the parameters `qkv` and `proj` have the official names.
+    """
+
+    key_index: Tensor
+    qkv: nn.Linear
+    proj: nn.Linear
+
+    def __init__(self, dim: int, num_heads: int, geom: geometry.BlockGeometry, qk_scale: float | None) -> None:
+        super().__init__()
+        self.geom = geom
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.num_keys = geom.num_keys
+
+    def attention_bias(self) -> Tensor:
+        """Everything added to q.k before the softmax, broadcast to [heads, windows, window_area, keys]."""
+        raise NotImplementedError
+
+    def mask_scores(self, attn: Tensor) -> Tensor:
+        """A last additive term on the scores [B, heads, windows, area, keys]; none by default."""
+        return attn
+
+    def forward(self, windows: Tensor, pooled: Tensor | None) -> Tensor:
+        """windows: [B, num_windows * window_area, C]; pooled: [B, num_windows, C] or None."""
+        g = self.geom
+        heads, head_dim = self.num_heads, self.head_dim
+        n_query = g.num_windows * g.window_area
+        tokens = windows if pooled is None else torch.cat([windows, pooled], dim=1)
+        n_tokens = tokens.shape[1]
+        # The qkv Linear is applied as two: q for the window tokens only, with the
+        # softmax scale folded into its weights (a constant once exported), and k/v
+        # for the window and pooled tokens.
+        weight, bias = self.qkv.weight, self.qkv.bias
+        dim = self.dim
+        q = F.linear(
+            windows.reshape(-1, dim),
+            weight[:dim] * self.scale,
+            None if bias is None else bias[:dim] * self.scale,
+        )
+        q = q.reshape(-1, g.num_windows, g.window_area, heads, head_dim).permute(0, 3, 1, 2, 4)
+        kv = F.linear(tokens.reshape(-1, dim), weight[dim:], None if bias is None else bias[dim:])
+        kv = kv.reshape(-1, n_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        # One gather per k and v fetches every key of every window.
+        k = kv[0].index_select(2, self.key_index)
+        v = kv[1].index_select(2, self.key_index)
+        k = k.reshape(-1, heads, g.num_windows, self.num_keys, head_dim)
+        v = v.reshape(-1, heads, g.num_windows, self.num_keys, head_dim)
+
+        attn = self.mask_scores(q @ k.transpose(-2, -1) + self.attention_bias())
+        out = attn.softmax(dim=-1) @ v  # [B, heads, windows, area, head_dim]
+        out = out.permute(0, 2, 3, 1, 4).reshape(-1, n_query, self.dim)
+        return linear_tokens(self.proj, out)
+
+
+class FocalWindowAttention(GatheredWindowAttention):
+    """Focal self-attention (v1): the window, its neighbour ring and the pooled focal window."""
 
     window_bias_index: Tensor
     pooled_bias_index: Tensor
-    key_index: Tensor
     key_mask: Tensor
     relative_position_bias_table_to_neighbors: nn.Parameter
     relative_position_bias_table_to_windows: nn.ParameterList
@@ -92,12 +167,7 @@ class FocalWindowAttention(nn.Module):
         qkv_bias: bool = True,
         qk_scale: float | None = None,
     ) -> None:
-        super().__init__()
-        self.geom = geom
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
+        super().__init__(dim, num_heads, geom, qk_scale)
         w, fw = geom.window, geom.focal_window
 
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
@@ -138,42 +208,73 @@ class FocalWindowAttention(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def attention_bias(self) -> Tensor:
-        """Everything added to q.k before the softmax: [heads, windows or 1, window_area, keys]."""
+        """[heads, windows or 1, window_area, keys]: the biases, with the key mask when it is fused."""
         bias = self.relative_position_bias().unsqueeze(1)
         return bias + self.key_mask if self.fuse_mask else bias
 
-    def forward(self, windows: Tensor, pooled: Tensor | None) -> Tensor:
-        """windows: [B, num_windows * window_area, C]; pooled: [B, num_windows, C] or None."""
-        g = self.geom
-        heads, head_dim = self.num_heads, self.head_dim
-        n_query = g.num_windows * g.window_area
-        tokens = windows if pooled is None else torch.cat([windows, pooled], dim=1)
-        n_tokens = tokens.shape[1]
-        # The qkv Linear is applied as two: q for the window tokens only, with the
-        # softmax scale folded into its weights (a constant once exported), and k/v
-        # for the window and pooled tokens.
-        weight, bias = self.qkv.weight, self.qkv.bias
-        dim = self.dim
-        q = F.linear(
-            windows.reshape(-1, dim),
-            weight[:dim] * self.scale,
-            None if bias is None else bias[:dim] * self.scale,
-        )
-        q = q.reshape(-1, g.num_windows, g.window_area, heads, head_dim).permute(0, 3, 1, 2, 4)
-        kv = F.linear(tokens.reshape(-1, dim), weight[dim:], None if bias is None else bias[dim:])
-        kv = kv.reshape(-1, n_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        # One gather per k and v fetches every key of every window.
-        k = kv[0].index_select(2, self.key_index)
-        v = kv[1].index_select(2, self.key_index)
-        k = k.reshape(-1, heads, g.num_windows, g.num_keys, head_dim)
-        v = v.reshape(-1, heads, g.num_windows, g.num_keys, head_dim)
+    def mask_scores(self, attn: Tensor) -> Tensor:
+        return attn if self.fuse_mask else attn + self.key_mask
 
-        attn = q @ k.transpose(-2, -1) + self.attention_bias()
-        if not self.fuse_mask:
-            attn = attn + self.key_mask
-        out = attn.softmax(dim=-1) @ v  # [B, heads, windows, area, head_dim]
-        out = out.permute(0, 2, 3, 1, 4).reshape(-1, n_query, self.dim)
-        return linear_tokens(self.proj, out)
+
+class FocalFastAttention(GatheredWindowAttention):
+    """Focal-fast attention (v2): each window's top-K nearest tokens and pooled windows.
+
+    The official buffers `topk_cloest_indice_{0,1}` are kept (persistent, official
+    names): they define the model (see `focal.topk`). Loading a state dict replaces
+    them, and the key gather and bias layout are derived from them again. The bias of
+    each key is `coord2rpb_all[level]` (Linear-ReLU-Linear, official names) of its
+    coordinate, evaluated on every possible coordinate and gathered.
+    """
+
+    bias_index: Tensor
+    coordinate_grid: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        geom: topk.TopKGeometry,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads, geom, qk_scale)
+        self.topk_geom = geom
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        levels = len(geom.level_keys)
+        self.coord2rpb_all = nn.ModuleList(
+            nn.Sequential(nn.Linear(2, self.head_dim), nn.ReLU(), nn.Linear(self.head_dim, num_heads))
+            for _ in range(levels)
+        )
+        for level in range(levels):
+            self.register_buffer(f"topk_cloest_indice_{level}", topk.official_selection(geom, level))
+        self.register_buffer("coordinate_grid", topk.coordinate_grid(geom), persistent=False)
+        self.register_buffer("key_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("bias_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.derive_gathers()
+        self.register_load_state_dict_post_hook(lambda module, _: module.derive_gathers())
+
+    def selections(self) -> list[Tensor]:
+        """The key selection of each level, [windows, K] (the official index buffers)."""
+        return [getattr(self, f"topk_cloest_indice_{level}") for level in range(len(self.coord2rpb_all))]
+
+    def derive_gathers(self) -> None:
+        """Rebuild the key gather and the bias layout from the index buffers (after a load)."""
+        device = self.coordinate_grid.device
+        selections = [indices.cpu() for indices in self.selections()]
+        for level, indices in enumerate(selections):
+            problem = topk.selection_problem(indices, self.topk_geom, level)
+            if problem:
+                raise ValueError(f"topk_cloest_indice_{level}: not a valid top-K selection: {problem}")
+        self.key_index = topk.key_index(selections, self.topk_geom).to(device)
+        self.bias_index = topk.bias_index(selections, self.topk_geom).to(device)
+
+    def attention_bias(self) -> Tensor:
+        """[heads, windows, window_area, keys]: each key's MLP bias (a constant once exported)."""
+        g = self.geom
+        table = torch.cat([mlp(self.coordinate_grid) for mlp in self.coord2rpb_all])  # [cells * levels, heads]
+        bias = table.index_select(0, self.bias_index)
+        return bias.reshape(g.num_windows, g.window_area, self.num_keys, self.num_heads).permute(3, 0, 1, 2)
 
 
 class FocalTransformerBlock(nn.Module):
@@ -203,7 +304,11 @@ class FocalTransformerBlock(nn.Module):
         if geom.pooled:
             self.pool_layers.append(nn.Linear(geom.window_area, 1))
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = FocalWindowAttention(dim, num_heads, geom, qkv_bias, qk_scale)
+        self.attn: GatheredWindowAttention
+        if isinstance(geom, topk.TopKGeometry):
+            self.attn = FocalFastAttention(dim, num_heads, geom, qkv_bias, qk_scale)
+        else:
+            self.attn = FocalWindowAttention(dim, num_heads, geom, qkv_bias, qk_scale)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.use_layerscale = use_layerscale
@@ -355,6 +460,16 @@ class FocalTransformer(nn.Module):
                     focal_level=cfg.focal_levels[i],
                     pooled=cfg.focal_pool != "none" and i in cfg.focal_stages,
                 )
+                if cfg.family == "focal_fast":  # no ring; the window clamp and pooled level as in v1
+                    assert cfg.focal_topK is not None  # FocalConfig fills in the official default
+                    geom = topk.TopKGeometry(**{**vars(geom), "expand": 0, "top_k": cfg.focal_topK})
+                    problem = topk.size_problem(h, w, geom.window)
+                    if problem:
+                        raise ValueError(
+                            f"input size {cfg.img_size[0]}x{cfg.img_size[1]} does not work with Focal-fast: "
+                            f"stage {i + 1}: {problem} (the official v2 code has no padding; with patch size 4 "
+                            "use sides that are multiples of 224, e.g. 224, 448, 224x448)"
+                        )
                 geoms.append(geom)
                 blocks.append(
                     FocalTransformerBlock(
@@ -403,7 +518,7 @@ class FocalTransformer(nn.Module):
             raise ValueError(
                 f"input size {cfg.img_size[0]}x{cfg.img_size[1]} does not work with this model: the stage "
                 f"sizes would be {sizes} but the official model expects {self.resolutions}; "
-                "use sides that are multiples of 32"
+                f"use sides that are multiples of {224 if cfg.family == 'focal_fast' else 32}"
             )
 
     def _init_focal_parameters(self) -> None:

@@ -45,6 +45,8 @@ from manifest import (
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_FIXTURES = Path(__file__).parent / "fixtures" / "official"
 OFFICIAL_CASES = sorted(p.stem for p in OFFICIAL_FIXTURES.glob("*.json"))
+OFFICIAL_V2_FIXTURES = Path(__file__).parent / "fixtures" / "official_v2"  # Focal-fast; case names start with v2_
+OFFICIAL_V2_CASES = sorted(p.stem for p in OFFICIAL_V2_FIXTURES.glob("*.json"))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -93,12 +95,13 @@ class OfficialCase:
 def load_official_case(name: str) -> OfficialCase:
     import torch
 
-    meta = json.loads((OFFICIAL_FIXTURES / f"{name}.json").read_text())
-    arrays = np.load(OFFICIAL_FIXTURES / f"{name}.npz")
+    folder = OFFICIAL_V2_FIXTURES if name.startswith("v2_") else OFFICIAL_FIXTURES
+    meta = json.loads((folder / f"{name}.json").read_text())
+    arrays = np.load(folder / f"{name}.npz")
     return OfficialCase(
         name=name,
         kwargs=meta["official_kwargs"],
-        checkpoint=OFFICIAL_FIXTURES / f"{name}.pth",
+        checkpoint=folder / f"{name}.pth",
         images=torch.from_numpy(arrays["images"]),
         logits=torch.from_numpy(arrays["logits"]),
         logits_b1=torch.from_numpy(arrays["logits_b1"]),

@@ -14,6 +14,9 @@ EXPECTED_PARAMS_M = {
     "focal_tiny_useconv": 30.83,
     "focal_small_useconv": 53.09,
     "focal_base_useconv": 93.27,
+    "focal_fast_tiny": 30.22,  # the official README: 30.2M, 51.5M, 91.2M
+    "focal_fast_small": 51.53,
+    "focal_fast_base": 91.19,
 }
 
 
