@@ -1,12 +1,14 @@
-"""CPU throughput: our PyTorch model vs its ONNX export on onnxruntime, against the machine's matmul peak.
+"""CPU throughput: our PyTorch models vs their ONNX exports on onnxruntime, against the machine's matmul peak.
 
-    python -m bench.cpu_throughput [--variant focal_tiny] [--threads 2] [--rounds 7]
+    python -m bench.cpu_throughput [--variants focal_tiny,focal_fast_tiny] [--threads 2] [--rounds 7]
 
-Everything is measured in one run, interleaved (peak, PyTorch, ONNX, PyTorch,
-ONNX, ...) with medians, because shared machines have slow phases of seconds.
-The fp32 matmul peak is the better of onnxruntime's MatMul and torch.mm on
-2048x2048 matrices with the same thread count. Results go to
-bench/results/cpu_throughput.{json,md,png}.
+Everything is measured in one run, interleaved (peak, then every variant's PyTorch
+and ONNX, round after round) with medians, because shared machines have slow
+phases of seconds; so the variants are compared side by side. The fp32 matmul
+peak is the better of onnxruntime's MatMul and torch.mm on 2048x2048 matrices with
+the same thread count, and each variant's share of it is computed at that
+variant's own MAC count (the official flops() convention of its family).
+Results go to bench/results/cpu_throughput.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +72,20 @@ def _options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def run(variant: str, threads: int, rounds: int, batches: tuple[int, ...]) -> dict[str, Any]:
-    torch.set_num_threads(threads)
+@dataclass
+class _Subject:
+    """One variant under test: its PyTorch model, its onnxruntime session, and what its work is."""
+
+    variant: str
+    size: tuple[int, int]
+    gflop_per_image: float
+    params: int
+    onnx_nodes: int
+    model: torch.nn.Module
+    session: ort.InferenceSession
+
+
+def _prepare(variant: str, threads: int) -> _Subject:
     export_dir = Path("artifacts") / f"bench-{variant}-random-init"
     manifest = run_export(
         ExportOptions(variant=variant, random_init=True, out=export_dir, engine="skip"), log=lambda _: None
@@ -78,60 +93,85 @@ def run(variant: str, threads: int, rounds: int, batches: tuple[int, ...]) -> di
     h, w = manifest.input_size
     torch.manual_seed(0)
     model = create_model(variant, img_size=(h, w))
-    gflop_per_image = 2 * official_macs(model) / 1e9
-    sess = ort.InferenceSession(
+    session = ort.InferenceSession(
         str(export_dir / manifest.onnx_fp32), _options(threads), providers=["CPUExecutionProvider"]
     )
-    inputs = {b: np.random.default_rng(b).standard_normal((b, 3, h, w), dtype=np.float32) for b in batches}
+    return _Subject(
+        variant=variant,
+        size=(h, w),
+        gflop_per_image=2 * official_macs(model) / 1e9,
+        params=sum(p.numel() for p in model.parameters()),
+        onnx_nodes=manifest.graph.node_count,
+        model=model,
+        session=session,
+    )
 
-    def torch_fn(b: int) -> Callable[[], object]:
-        x = torch.from_numpy(inputs[b])
+
+def run(variants: list[str], threads: int, rounds: int, batches: tuple[int, ...]) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    subjects = [_prepare(v, threads) for v in variants]
+    rng = np.random.default_rng(0)
+    inputs = {(s.variant, b): rng.standard_normal((b, 3, *s.size), dtype=np.float32) for s in subjects for b in batches}
+
+    def torch_fn(s: _Subject, b: int) -> Callable[[], object]:
+        x = torch.from_numpy(inputs[s.variant, b])
 
         def call() -> object:
             with torch.inference_mode():
-                return model(x)
+                return s.model(x)
 
         return call
 
-    def ort_fn(b: int) -> Callable[[], object]:
-        return lambda: sess.run(None, {"pixels": inputs[b]})
+    def ort_fn(s: _Subject, b: int) -> Callable[[], object]:
+        return lambda: s.session.run(None, {"pixels": inputs[s.variant, b]})
 
     peak_fns = {"onnxruntime MatMul": _ort_matmul(threads), "torch.mm": _torch_matmul()}
     samples: dict[str, list[float]] = {}
     for _ in range(rounds):  # interleaved: every round measures everything once
         for name, fn in peak_fns.items():
             samples.setdefault(f"peak/{name}", []).append(2 * PEAK_N**3 / _timed(fn, 3) / 1e9)
-        for b in batches:
-            for label, make in (("pytorch", torch_fn), ("onnxruntime", ort_fn)):
-                samples.setdefault(f"{label}/{b}", []).append(b / _timed(make(b), 1 if b > 1 else 3))
+        for s in subjects:
+            for b in batches:
+                for label, make in (("pytorch", torch_fn), ("onnxruntime", ort_fn)):
+                    seconds = _timed(make(s, b), 1 if b > 1 else 3)
+                    samples.setdefault(f"{s.variant}/{label}/{b}", []).append(b / seconds)
 
     peaks = {k.split("/", 1)[1]: statistics.median(v) for k, v in samples.items() if k.startswith("peak/")}
     peak = max(peaks.values())
     rows = []
-    for b in batches:
-        for label in ("pytorch", "onnxruntime"):
-            ips = statistics.median(samples[f"{label}/{b}"])
-            gflops = ips * gflop_per_image
-            rows.append(
-                {
-                    "engine": label,
-                    "batch": b,
-                    "images_per_s": round(ips, 2),
-                    "gflop_per_s": round(gflops, 1),
-                    "fraction_of_peak": round(gflops / peak, 3),
-                    "fraction_of_each_peak": {k: round(gflops / v, 3) for k, v in peaks.items()},
-                    "samples_images_per_s": [round(s, 2) for s in samples[f"{label}/{b}"]],
-                }
-            )
+    for s in subjects:
+        for b in batches:
+            for label in ("pytorch", "onnxruntime"):
+                runs = samples[f"{s.variant}/{label}/{b}"]
+                ips = statistics.median(runs)
+                gflops = ips * s.gflop_per_image
+                rows.append(
+                    {
+                        "variant": s.variant,
+                        "engine": label,
+                        "batch": b,
+                        "images_per_s": round(ips, 2),
+                        "gflop_per_s": round(gflops, 1),
+                        "fraction_of_peak": round(gflops / peak, 3),
+                        "fraction_of_each_peak": {k: round(gflops / v, 3) for k, v in peaks.items()},
+                        "samples_images_per_s": [round(x, 2) for x in runs],
+                    }
+                )
     return {
-        "variant": variant,
-        "input_size": [h, w],
-        "gflop_per_image": round(gflop_per_image, 3),
+        "variants": [
+            {
+                "variant": s.variant,
+                "input_size": list(s.size),
+                "params": s.params,
+                "gflop_per_image": round(s.gflop_per_image, 3),
+                "onnx_nodes": s.onnx_nodes,
+            }
+            for s in subjects
+        ],
         "threads": threads,
         "rounds": rounds,
         "peak_gflop_per_s": {k: round(v, 1) for k, v in peaks.items()},
         "peak_used": round(peak, 1),
-        "onnx_nodes": manifest.graph.node_count,
         "machine": {
             "cpu": _cpu_name(),
             "cores_visible": os.cpu_count(),
@@ -157,25 +197,39 @@ def write_reports(result: dict[str, Any], folder: Path = RESULTS) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "cpu_throughput.json", folder / "cpu_throughput.md", folder / "cpu_throughput.png"]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    names = ", ".join(v["variant"] for v in result["variants"])
     lines = [
-        f"# CPU throughput: {result['variant']} at {result['input_size'][0]}x{result['input_size'][1]}",
+        f"# CPU throughput: {names}",
         "",
         f"{result['machine']['cpu']}, {result['threads']} threads; torch {result['machine']['torch']}, "
-        f"onnxruntime {result['machine']['onnxruntime']}; {result['gflop_per_image']} GFLOP per image; "
-        f"medians of {result['rounds']} interleaved rounds.",
+        f"onnxruntime {result['machine']['onnxruntime']}; medians of {result['rounds']} rounds, the variants "
+        "interleaved in each round (measured side by side).",
+        "",
+        "| variant | input | parameters | GFLOP per image (2 x official MACs) | ONNX nodes |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for v in result["variants"]:
+        lines.append(
+            f"| {v['variant']} | {v['input_size'][0]}x{v['input_size'][1]} | {v['params'] / 1e6:.2f} M | "
+            f"{v['gflop_per_image']} | {v['onnx_nodes']} |"
+        )
+    lines += [
         "",
         "fp32 matmul peak (2048x2048): "
         + ", ".join(f"{k} {v} GFLOP/s" for k, v in result["peak_gflop_per_s"].items())
         + f"; the plot's reference is the better one ({result['peak_used']} GFLOP/s).",
         "",
-        "| engine | batch | images/s | GFLOP/s | "
+        "| variant | engine | batch | images/s | GFLOP/s | "
         + " | ".join(f"of {k} peak" for k in result["peak_gflop_per_s"])
         + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(result["peak_gflop_per_s"]),
+        "|---|---|---:|---:|---:|" + "---:|" * len(result["peak_gflop_per_s"]),
     ]
     for r in result["results"]:
         fractions = " | ".join(f"{f:.0%}" for f in r["fraction_of_each_peak"].values())
-        lines.append(f"| {r['engine']} | {r['batch']} | {r['images_per_s']} | {r['gflop_per_s']} | {fractions} |")
+        lines.append(
+            f"| {r['variant']} | {r['engine']} | {r['batch']} | {r['images_per_s']} | {r['gflop_per_s']} | "
+            f"{fractions} |"
+        )
     paths[1].write_text("\n".join(lines) + "\n")
     _plot(result, paths[2])
     return paths
@@ -188,19 +242,20 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["results"]
-    batches = sorted({r["batch"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    groups = sorted({(r["variant"], r["batch"]) for r in rows}, key=lambda g: (g[1], g[0]))
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.5))
     width = 0.38
     for i, engine in enumerate(("pytorch", "onnxruntime")):
-        values = [next(r["gflop_per_s"] for r in rows if r["engine"] == engine and r["batch"] == b) for b in batches]
-        ax.bar([x + (i - 0.5) * width for x in range(len(batches))], values, width, label=engine)
+        values = [
+            next(r["gflop_per_s"] for r in rows if (r["variant"], r["batch"], r["engine"]) == (v, b, engine))
+            for v, b in groups
+        ]
+        ax.bar([x + (i - 0.5) * width for x in range(len(groups))], values, width, label=engine)
     for (name, value), style in zip(result["peak_gflop_per_s"].items(), ("--", ":"), strict=False):
         ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name} peak")
-    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
-    ax.set_ylabel("GFLOP/s")
-    ax.set_title(
-        f"{result['variant']} {result['input_size'][0]}x{result['input_size'][1]}, {result['threads']} threads"
-    )
+    ax.set_xticks(range(len(groups)), [f"{v}\nbatch {b}" for v, b in groups], fontsize=8)
+    ax.set_ylabel("GFLOP/s (official MACs)")
+    ax.set_title(f"CPU throughput, {result['threads']} threads")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -209,12 +264,16 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="focal_tiny")
+    parser.add_argument(
+        "--variants",
+        default="focal_tiny,focal_fast_tiny",
+        help="comma-separated variants, measured side by side (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run(args.variant, args.threads, args.rounds, (1, 8))
+    result = run([v.strip() for v in args.variants.split(",") if v.strip()], args.threads, args.rounds, (1, 8))
     for path in write_reports(result, args.out):
         print(f"wrote {path}")
     print(args.out.joinpath("cpu_throughput.md").read_text())

@@ -1,16 +1,16 @@
 """Size and cost of a model: parameters, multiply-accumulates, per-stage geometry.
 
-MACs are counted with the official `flops()` convention (the numbers in the
-paper and the official README: Focal-T 4.92 G at 224): the neighbour ring is
-counted as (w + 2e)^2 - w^2 = 120 keys (the implementation attends to 132, with
-12 duplicates), windows as H*W / w^2 without padding, the stem and
-downsampling convs as patch-size kernels also for `useconv`, and each
+MACs are counted with the official `flops()` convention of each family (the
+numbers in the paper and the official README: Focal-T 4.92 G at 224): the
+neighbour ring is counted as (w + 2e)^2 - w^2 = 120 keys (the implementation
+attends to 132, with 12 duplicates), windows as H*W / w^2 without padding, the
+stem and downsampling convs with their kernels (patch-size kernels, or 7x7 and
+3x3 for `useconv`: Focal-T-useconv 5.17 G, the official README's 5.2 G), and each
 LayerNorm as one MAC per element.
 
 Focal-fast follows its own file's `flops()` (`focal_transformer_v2.py`): per level,
-q.k and attn.v over its K keys plus the coordinate MLP counted per window, the
-conv stem and downsampling with their real kernels (7x7 and 3x3). That gives
-5.32 G for Focal-fast-T at 224, not the 5.0 G of the official README's table.
+q.k and attn.v over its K keys plus the coordinate MLP counted per window. That
+gives 5.32 G for Focal-fast-T at 224, not the 5.0 G of the official README's table.
 """
 
 from __future__ import annotations
@@ -37,11 +37,7 @@ def official_macs(model: FocalTransformer) -> float:
     if model.config.family == "focal_fast":
         return _official_v2_macs(model)
     cfg = model.config
-    h0, w0 = model.resolutions[0]
-    p = cfg.patch_size
-    macs = float(h0 * w0 * cfg.embed_dim * cfg.in_chans * p * p)
-    if cfg.patch_norm:
-        macs += h0 * w0 * cfg.embed_dim
+    macs = _stem_macs(model)
     for i, (dim, (h, w)) in enumerate(zip(cfg.stage_dims(), model.resolutions, strict=True)):
         heads = cfg.num_heads[i]
         head_dim = dim // heads
@@ -59,22 +55,42 @@ def official_macs(model: FocalTransformer) -> float:
             if g.pooled:
                 macs += windows * dim * n + windows * dim * 3 * dim  # pooling, qkv of pooled tokens
             macs += 2 * h * w * dim * dim * cfg.mlp_ratio
-        if i < cfg.num_stages - 1:
-            ho, wo = h // 2, w // 2
-            macs += ho * wo * 2 * dim * dim * 4 + ho * wo * 2 * dim
-    macs += cfg.num_features * h0 * w0 // (1 << cfg.num_stages)
-    if not cfg.features_only:
-        macs += cfg.num_features * cfg.num_classes
-    return macs
+        macs += _downsample_macs(model, i)
+    return macs + _head_macs(model)
+
+
+def _stem_macs(model: FocalTransformer) -> float:
+    cfg = model.config
+    h0, w0 = model.resolutions[0]
+    kernel = 7 if cfg.use_conv_embed else cfg.patch_size
+    return float(
+        h0 * w0 * cfg.embed_dim * cfg.in_chans * kernel**2 + (h0 * w0 * cfg.embed_dim if cfg.patch_norm else 0)
+    )
+
+
+def _downsample_macs(model: FocalTransformer, stage: int) -> float:
+    """The conv and LayerNorm after `stage` (none after the last)."""
+    cfg = model.config
+    if stage == cfg.num_stages - 1:
+        return 0.0
+    dim, (h, w) = cfg.stage_dims()[stage], model.resolutions[stage]
+    kernel = 3 if cfg.use_conv_embed else 2
+    ho, wo = h // 2, w // 2
+    return float(ho * wo * 2 * dim * dim * kernel**2 + ho * wo * 2 * dim)
+
+
+def _head_macs(model: FocalTransformer) -> float:
+    """The final average pool (as the official code counts it) and the classifier."""
+    cfg = model.config
+    h0, w0 = model.resolutions[0]
+    return float(cfg.num_features * h0 * w0 // (1 << cfg.num_stages)) + (
+        0 if cfg.features_only else cfg.num_features * cfg.num_classes
+    )
 
 
 def _official_v2_macs(model: FocalTransformer) -> float:
     cfg = model.config
-    h0, w0 = model.resolutions[0]
-    stem_kernel = 7 if cfg.use_conv_embed else cfg.patch_size
-    macs = float(h0 * w0 * cfg.embed_dim * cfg.in_chans * stem_kernel**2)
-    if cfg.patch_norm:
-        macs += h0 * w0 * cfg.embed_dim
+    macs = _stem_macs(model)
     for i, (dim, (h, w)) in enumerate(zip(cfg.stage_dims(), model.resolutions, strict=True)):
         heads = cfg.num_heads[i]
         head_dim = dim // heads
@@ -92,13 +108,8 @@ def _official_v2_macs(model: FocalTransformer) -> float:
             if g.pooled:
                 macs += windows * dim * n + windows * dim * 3 * dim  # pooling, qkv of pooled tokens
             macs += 2 * h * w * dim * dim * cfg.mlp_ratio
-        if i < cfg.num_stages - 1:
-            kernel = 3 if cfg.use_conv_embed else 2
-            ho, wo = h // 2, w // 2
-            macs += ho * wo * 2 * dim * dim * kernel**2 + ho * wo * 2 * dim
-    macs += cfg.num_features * h0 * w0 // (1 << cfg.num_stages)
-    macs += cfg.num_features * cfg.num_classes
-    return macs
+        macs += _downsample_macs(model, i)
+    return macs + _head_macs(model)
 
 
 def describe(config: FocalConfig) -> ModelInfo:

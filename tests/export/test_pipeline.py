@@ -214,6 +214,9 @@ def test_pretrained_offline_fails_clearly_naming_weights(
     last = err.strip().splitlines()[-1]
     assert last.startswith("export failed: could not download the official checkpoint")
     assert "--weights PATH (e.g. focal-small-is224-ws7.pth)" in last
+    code, _, err = cli(capsys, "--variant", "focal_fast_small", "--out", str(tmp_path / "out"))
+    assert code == 1
+    assert "--weights PATH (e.g. focalv2-small-useconv-is224-ws7.pth)" in err.strip().splitlines()[-1]
     assert not list((tmp_path / "cache").glob("*.part"))
 
 
@@ -236,6 +239,9 @@ def test_pretrained_offline_fails_clearly_naming_weights(
         (["--random-init", "--workspace-gib", "nan"], "--workspace-gib must be a positive number"),
         (["--random-init", "--image-size", "16"], "too small"),
         (["--random-init", "--task", "segment"], "invalid choice: 'segment'"),
+        (["--variant", "focal_fast_tiny", "--random-init", "--image-size", "256"], "does not work with Focal-fast"),
+        (["--variant", "focal_fast_tiny", "--task", "detect", "--random-init"], "as a detection backbone"),
+        (["--variant", "focal_fast_tiny", "--random-init", "--model-kwargs", '{"focal_topK": 0}'], "at least 1"),
     ],
 )
 def test_bad_options_fail_with_one_clear_line(
