@@ -266,6 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--variants",
+        "--variant",
         default="focal_tiny,focal_fast_tiny",
         help="comma-separated variants, measured side by side (default: %(default)s)",
     )

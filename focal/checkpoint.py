@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import warnings
@@ -42,7 +43,6 @@ _WINDOW_TABLE = re.compile(r"\.attn\.relative_position_bias_table$")
 _POOLED_TABLE = re.compile(r"\.attn\.relative_position_bias_table_to_windows\.\d+$")
 _NEIGHBOR_TABLE = re.compile(r"\.attn\.relative_position_bias_table_to_neighbors$")
 _POOL_WEIGHT = re.compile(r"\.pool_layers\.\d+\.weight$")
-_WINDOW_COORDS = re.compile(r"\.attn\.window_coords$")  # Focal-fast: read by the official forward, never used
 
 
 class CheckpointError(Exception):
@@ -167,14 +167,11 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
     features_only = bool(getattr(getattr(model, "config", None), "features_only", False))
 
     fast = {name: m for name, m in model.named_modules() if isinstance(m, FocalFastAttention)}
-    derived, handled = _adapt_topk_buffers(state_dict, fast, expected, out, notes)
+    handled = _adapt_topk_buffers(state_dict, fast, expected, out, notes)
     dropped = len(handled - out.keys())
 
     for key, value in state_dict.items():
         if key in handled:
-            continue
-        if _WINDOW_COORDS.search(key) and key.rsplit(".", 1)[0] in fast:
-            dropped += 1
             continue
         if _INDEX_BUFFER.search(key):
             dropped += 1
@@ -216,7 +213,6 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
             out[key] = value  # a real mismatch: left for the strict check to report
 
     current = model.state_dict()
-    out.update({key: current[key] for key in derived})
     for key in sorted(set(expected) - out.keys()):
         if _NEIGHBOR_TABLE.search(key) and key not in state_dict:
             out[key] = torch.zeros(expected[key])
@@ -246,38 +242,59 @@ def _adapt_topk_buffers(
     expected: Mapping[str, torch.Size],
     out: dict[str, Tensor],
     notes: list[str],
-) -> tuple[set[str], set[str]]:
-    """Focal-fast's top-K buffers: the checkpoint's selections into `out` (checked), coordinates
-    checked and dropped. Returns (index keys the model derives itself, checkpoint keys handled)."""
-    derived: set[str] = set()
+) -> set[str]:
+    """Focal-fast's buffers: the checkpoint's selections into `out` (checked), or the official rule's where
+    it has none for this size; coordinates and window offsets checked and dropped. Returns the checkpoint
+    keys handled here."""
     handled: set[str] = set()
     for prefix, attn in fast.items():
         g = attn.topk_geom
+        offsets_key = f"{prefix}.window_coords"
+        offsets = state_dict.get(offsets_key)
+        if offsets is not None:
+            handled.add(offsets_key)  # read by the official forward, never used: checked when it fits
+            a, b = torch.meshgrid(torch.arange(g.window), torch.arange(g.window), indexing="ij")
+            wanted = torch.stack([a, b], dim=-1) - g.window // 2
+            if offsets.shape == wanted.shape and not torch.equal(offsets.long(), wanted):
+                raise CheckpointError(f"{offsets_key}: not the in-window offsets (a - ws//2, b - ws//2)")
         for level in range(len(g.level_keys)):
             key = f"{prefix}.topk_cloest_indice_{level}"
             coords_key = f"{prefix}.topk_cloest_coords_{level}"
             handled.update(k for k in (key, coords_key) if k in state_dict)
             value = state_dict.get(key)
-            if value is None or tuple(value.shape) != tuple(expected[key]):
-                derived.add(key)
-                made = "has none" if value is None else f"was made for another size {tuple(value.shape)}"
+            made = None
+            if value is None:
+                made = "has none"
+            elif tuple(value.shape) != tuple(expected[key]):
+                made = f"was made for another size or focal_topK {tuple(value.shape)}"
+            else:
+                problem = topk.selection_problem(value, g, level)
+                transposed = dataclasses.replace(g, height=g.width, width=g.height)
+                if problem and topk.selection_problem(value, transposed, level) is None:
+                    made = f"was made for the transposed size ({g.width}x{g.height} stage map)"
+                elif problem:
+                    raise CheckpointError(
+                        f"{key}: not a valid top-K selection for a {g.height}x{g.width} stage map: {problem} "
+                        "(a file made at another size with the same number of windows is refused too: export "
+                        "at the size it was made for, or drop its topk_cloest_* buffers to derive them)"
+                    )
+            if made is not None:
+                out[key] = topk.official_selection(g, level)
                 what = "tokens" if level == 0 else "pooled windows"
                 notes.append(
                     f"{key}: the checkpoint {made}; each window's {g.level_keys[level]} nearest {what} are chosen "
                     "by the official rule (torch.topk), which may keep other tie members than training did"
                 )
                 continue
-            problem = topk.selection_problem(value, g, level)
-            if problem:
-                raise CheckpointError(f"{key}: not a valid top-K selection for this model: {problem}")
+            assert value is not None
             out[key] = value.long()
             coords = state_dict.get(coords_key)
-            if coords is not None and not torch.equal(coords.float(), topk.coordinates(value.long(), g, level)):
+            if coords is not None and not torch.equal(coords.float().cpu(), topk.coordinates(value, g, level)):
                 raise CheckpointError(
                     f"{coords_key}: does not match the coordinates of {key} (query token minus key position); "
                     "the file is inconsistent"
                 )
-    return derived, handled
+    return handled
 
 
 def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:

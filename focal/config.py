@@ -143,6 +143,8 @@ class FocalConfig:
                     f"stage {i}: Focal-fast with focal_level 2 needs a pooled level: focal_pool 'fc' and "
                     "the stage in focal_stages (the official v2 code fails otherwise)"
                 )
+            if self.family == "focal_fast":
+                continue  # focal_windows and expand_sizes are accepted and unused there, whatever their values
             if self.focal_windows[i] % 2 != 1:
                 raise ValueError(f"stage {i}: focal window must be odd, got {self.focal_windows[i]}")
             if not 0 <= self.expand_sizes[i] < self.window_size:
@@ -254,6 +256,10 @@ def _build_registry() -> dict[str, Variant]:
 
 VARIANTS: dict[str, Variant] = _build_registry()
 _ALIASES = {v.official_name: v.name for v in VARIANTS.values()}
+# The official v2 YAMLs name their models without "useconv" (MODEL.NAME focalv2_tiny_patch4_window7_224).
+_ALIASES |= {
+    v.official_name.replace("_useconv", ""): v.name for v in VARIANTS.values() if v.name.startswith("focal_fast")
+}
 
 
 def variant_names(include_aliases: bool = False) -> list[str]:

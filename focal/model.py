@@ -37,8 +37,8 @@ bias from a small MLP of each key's coordinate. It shares everything else here
 (stem, stages in window order, pooling, MLP, head, parameter names) and matches
 the official v2 logits to ~5e-7 on its golden fixtures. Two rules of its own:
 - **Sizes.** The official v2 code has no padding, so it runs only where every
-  stage map can be cut into whole windows (with patch size 4: sides that are
-  multiples of 224, e.g. 224, 448, 224x448). This implementation keeps that rule
+  stage map can be cut into whole windows (with the conv stem of the released
+  configs: sides that are multiples of 224, e.g. 224, 448, 224x448). This implementation keeps that rule
   and refuses other sizes when the model is built, naming the stage, instead of
   inventing a padding the weights were never trained with.
 - **Neighbour sets.** The top-K selections are the checkpoint's index buffers
@@ -220,8 +220,9 @@ class FocalFastAttention(GatheredWindowAttention):
     """Focal-fast attention (v2): each window's top-K nearest tokens and pooled windows.
 
     The official buffers `topk_cloest_indice_{0,1}` are kept (persistent, official
-    names): they define the model (see `focal.topk`). Loading a state dict replaces
-    them, and the key gather and bias layout are derived from them again. The bias of
+    names): they define the model (see `focal.topk`). Loading a state dict checks
+    them first (ValueError for one that is no valid selection, before this module
+    changes) and then derives the key gather and bias layout from them again. The bias of
     each key is `coord2rpb_all[level]` (Linear-ReLU-Linear, official names) of its
     coordinate, evaluated on every possible coordinate and gathered.
     """
@@ -252,7 +253,8 @@ class FocalFastAttention(GatheredWindowAttention):
         self.register_buffer("key_index", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("bias_index", torch.zeros(0, dtype=torch.long), persistent=False)
         self.derive_gathers()
-        self.register_load_state_dict_post_hook(lambda module, _: module.derive_gathers())
+        self.register_load_state_dict_pre_hook(_check_selections_before_load)
+        self.register_load_state_dict_post_hook(_derive_gathers_after_load)
 
     def selections(self) -> list[Tensor]:
         """The key selection of each level, [windows, K] (the official index buffers)."""
@@ -261,11 +263,7 @@ class FocalFastAttention(GatheredWindowAttention):
     def derive_gathers(self) -> None:
         """Rebuild the key gather and the bias layout from the index buffers (after a load)."""
         device = self.coordinate_grid.device
-        selections = [indices.cpu() for indices in self.selections()]
-        for level, indices in enumerate(selections):
-            problem = topk.selection_problem(indices, self.topk_geom, level)
-            if problem:
-                raise ValueError(f"topk_cloest_indice_{level}: not a valid top-K selection: {problem}")
+        selections = [indices.cpu().long() for indices in self.selections()]
         self.key_index = topk.key_index(selections, self.topk_geom).to(device)
         self.bias_index = topk.bias_index(selections, self.topk_geom).to(device)
 
@@ -275,6 +273,23 @@ class FocalFastAttention(GatheredWindowAttention):
         table = torch.cat([mlp(self.coordinate_grid) for mlp in self.coord2rpb_all])  # [cells * levels, heads]
         bias = table.index_select(0, self.bias_index)
         return bias.reshape(g.num_windows, g.window_area, self.num_keys, self.num_heads).permute(3, 0, 1, 2)
+
+
+def _check_selections_before_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+    """A FocalFastAttention's load pre-hook: refuse index buffers that are no valid top-K selection before
+    any of the module's tensors is replaced (so its buffers and gathers stay consistent)."""
+    assert isinstance(module, FocalFastAttention)
+    for level in range(len(module.topk_geom.level_keys)):
+        indices = state_dict.get(f"{prefix}topk_cloest_indice_{level}")
+        if indices is not None:
+            problem = topk.selection_problem(indices, module.topk_geom, level)
+            if problem:
+                raise ValueError(f"{prefix}topk_cloest_indice_{level}: not a valid top-K selection: {problem}")
+
+
+def _derive_gathers_after_load(module: nn.Module, _incompatible_keys: Any) -> None:
+    assert isinstance(module, FocalFastAttention)
+    module.derive_gathers()
 
 
 class FocalTransformerBlock(nn.Module):
@@ -467,8 +482,8 @@ class FocalTransformer(nn.Module):
                     if problem:
                         raise ValueError(
                             f"input size {cfg.img_size[0]}x{cfg.img_size[1]} does not work with Focal-fast: "
-                            f"stage {i + 1}: {problem} (the official v2 code has no padding; with patch size 4 "
-                            "use sides that are multiples of 224, e.g. 224, 448, 224x448)"
+                            f"stage {i + 1}: {problem} (the official v2 code has no padding; with the released "
+                            "configs use sides that are multiples of 224, e.g. 224, 448, 224x448)"
                         )
                 geoms.append(geom)
                 blocks.append(

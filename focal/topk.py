@@ -63,6 +63,11 @@ class TopKGeometry(BlockGeometry):
         return (self.height, self.width) if level == 0 else (self.windows_h, self.windows_w)
 
 
+def _arange(*bounds: int) -> Tensor:
+    """Always on the CPU: the official rule is torch.topk on CPU, and CUDA's may keep other tie members."""
+    return torch.arange(*bounds, device="cpu")
+
+
 def size_problem(height: int, width: int, window: int) -> str | None:
     """Why the official v2 code cannot run a stage map of this size (it has no padding); None if it can."""
     if height % window or width % window:
@@ -72,14 +77,14 @@ def size_problem(height: int, width: int, window: int) -> str | None:
 
 def _query_points(g: TopKGeometry, level: int) -> Tensor:
     """[nW, 2] reference point of each window: its centre token (level 0) or its grid cell (level 1)."""
-    i, j = torch.meshgrid(torch.arange(g.windows_h), torch.arange(g.windows_w), indexing="ij")
+    i, j = torch.meshgrid(_arange(g.windows_h), _arange(g.windows_w), indexing="ij")
     points = torch.stack([i.flatten(), j.flatten()], dim=1)
     return points * g.window + g.window // 2 if level == 0 else points
 
 
 def _candidate_points(g: TopKGeometry, level: int) -> Tensor:
     rows, cols = g.level_grid(level)
-    i, j = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    i, j = torch.meshgrid(_arange(rows), _arange(cols), indexing="ij")
     return torch.stack([i.flatten(), j.flatten()], dim=1)
 
 
@@ -106,7 +111,8 @@ def selection_problem(indices: Tensor, g: TopKGeometry, level: int) -> str | Non
     if tuple(indices.shape) != expected:
         return f"shape {tuple(indices.shape)}, expected {expected}"
     if indices.dtype not in (torch.int64, torch.int32):
-        return f"dtype {indices.dtype}, expected int64"
+        return f"dtype {indices.dtype}, expected int64 or int32"
+    indices = indices.cpu()
     rows, cols = g.level_grid(level)
     if int(indices.min()) < 0 or int(indices.max()) >= rows * cols:
         return f"index out of range [0, {rows * cols})"
@@ -127,11 +133,12 @@ def coordinates(indices: Tensor, g: TopKGeometry, level: int) -> Tensor:
     `topk_cloest_coords_{level}` buffer for these indices."""
     ws = g.window
     grid_cols = g.level_grid(level)[1]
+    indices = indices.cpu().long()
     keys = torch.stack([indices // grid_cols, indices % grid_cols], dim=-1)  # [nW, K, 2]
     if level == 1:  # a pooled window sits at its centre token
         keys = keys * ws + ws // 2
     corner = _query_points(g, 1) * ws  # [nW, 2] top-left token of each window
-    a, b = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")
+    a, b = torch.meshgrid(_arange(ws), _arange(ws), indexing="ij")
     offsets = torch.stack([a.flatten(), b.flatten()], dim=1)  # [ws*ws, 2]
     queries = corner[:, None, :] + offsets[None, :, :]  # [nW, ws*ws, 2]
     return (queries[:, :, None, :] - keys[:, None, :, :]).float()
@@ -139,8 +146,8 @@ def coordinates(indices: Tensor, g: TopKGeometry, level: int) -> Tensor:
 
 def coordinate_grid(g: TopKGeometry) -> Tensor:
     """[(2H-1)*(2W-1), 2] float32: every (dy, dx) a key of this stage can have, row-major."""
-    dy = torch.arange(-(g.height - 1), g.height)
-    dx = torch.arange(-(g.width - 1), g.width)
+    dy = _arange(-(g.height - 1), g.height)
+    dx = _arange(-(g.width - 1), g.width)
     y, x = torch.meshgrid(dy, dx, indexing="ij")
     return torch.stack([y.flatten(), x.flatten()], dim=1).float()
 

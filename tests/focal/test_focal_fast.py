@@ -3,6 +3,7 @@ top-K index buffers as the checkpoint's definition of the model, sizes, variants
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from typing import Any
 
@@ -167,8 +168,52 @@ def test_invalid_index_buffers_are_refused_with_the_key(change: Any, message: st
     assert selection_problem(bad, _fast_attentions(model)["layers.0.blocks.0.attn"].topk_geom, 0)
     with pytest.raises(CheckpointError, match=f"{key}: not a valid top-K selection.*{message}"):
         load_checkpoint(model, {**state, key: bad})
-    with pytest.raises(ValueError, match=message):  # also through plain load_state_dict
+    attn = model.block(0, 0).attn
+    before = (attn.topk_cloest_indice_0.clone(), attn.key_index.clone())
+    with pytest.raises(ValueError, match=message):  # also through plain load_state_dict, before the block changes
         model.load_state_dict({**model.state_dict(), key: bad})
+    assert torch.equal(attn.topk_cloest_indice_0, before[0])
+    assert torch.equal(attn.key_index, before[1])
+
+
+def test_a_file_without_selections_gets_the_official_ones_whatever_the_model_held() -> None:
+    case = load_official_case("v2_micro_224")
+    state = read_state_dict(case.checkpoint)
+    model = FocalTransformer(**case.kwargs).eval()
+    key = "layers.0.blocks.0.attn.topk_cloest_indice_0"
+    load_checkpoint(model, {**state, key: _stable_selection(_fast_attentions(model)["layers.0.blocks.0.attn"], 0)})
+    with pytest.warns(CheckpointAdaptationWarning):
+        load_checkpoint(model, {k: v for k, v in state.items() if ".topk_cloest_indice_" not in k})
+    assert torch.equal(model.block(0, 0).attn.topk_cloest_indice_0, state[key])  # the official rule's, not the stable
+    assert _relative_error(_logits(model, case.images), case.logits) <= RELATIVE_TOLERANCE
+
+
+def test_a_checkpoint_of_the_transposed_size_is_adapted_not_refused() -> None:
+    """224x448 and 448x224 have the same buffer shapes; the selections only fit the transposed maps."""
+    case = load_official_case("v2_micro_224x448")
+    model = create_model("focal_fast_tiny", **{**case.kwargs, "img_size": (448, 224)})
+    with pytest.warns(CheckpointAdaptationWarning) as caught:
+        report = load_checkpoint(model, case.checkpoint)
+    assert any("made for the transposed size" in note for note in report.adaptations)
+    assert len(caught) == len(report.adaptations)
+
+
+def test_window_offsets_of_a_file_are_checked() -> None:
+    case = load_official_case("v2_micro_224")
+    state = read_state_dict(case.checkpoint)
+    key = "layers.1.blocks.0.attn.window_coords"
+    model = FocalTransformer(**case.kwargs).eval()
+    with pytest.raises(CheckpointError, match=f"{key}: not the in-window offsets"):
+        load_checkpoint(model, {**state, key: state[key].flip(-1)})
+
+
+def test_a_focal_fast_model_pickles() -> None:
+    """The load hooks are module-level functions: a whole model can be pickled (torch.save, spawn)."""
+    case = load_official_case("v2_micro_224")
+    model = FocalTransformer(**case.kwargs).eval()
+    load_checkpoint(model, case.checkpoint)
+    again = pickle.loads(pickle.dumps(model))
+    assert torch.equal(_logits(again, case.images), _logits(model, case.images))
 
 
 def test_a_checkpoint_of_another_size_gets_the_official_rule_with_warnings() -> None:
@@ -204,6 +249,8 @@ def test_focal_top_k_belongs_to_focal_fast_only() -> None:
         create_model("focal_tiny", focal_topK=128)
     with pytest.raises(NotImplementedError, match="detection backbone"):
         create_model("focal_fast_tiny", features_only=True)
+    # Accepted and unused, as by the official v2 constructor (v1 would refuse both).
+    create_model("focal_fast_tiny", num_classes=0, focal_windows=[2, 2, 2, 2], expand_sizes=[9, 9, 9, 9])
 
 
 def test_released_variants_official_macs() -> None:
@@ -217,6 +264,7 @@ def test_released_variants_official_macs() -> None:
         [132],
         [50],
     ]
+    assert create_model("focalv2_tiny_patch4_window7_224", num_classes=0).config.family == "focal_fast"  # YAML name
     alias = create_model("focalv2_tiny_useconv_patch4_window7_224", num_classes=0)
     assert alias.config.family == "focal_fast"
     assert alias.config.focal_topK == 128
