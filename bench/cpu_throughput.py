@@ -1,13 +1,15 @@
 """CPU throughput: our PyTorch models vs their ONNX exports on onnxruntime, against the machine's matmul peak.
 
-    python -m bench.cpu_throughput [--variants focal_tiny,focal_fast_tiny] [--threads 2] [--rounds 7]
+    python -m bench.cpu_throughput [--variants focal_tiny,focal_fast_tiny] [--threads 2] [--rounds 7] [--int8]
 
 Everything is measured in one run, interleaved (peak, then every variant's PyTorch
 and ONNX, round after round) with medians, because shared machines have slow
 phases of seconds; so the variants are compared side by side. The fp32 matmul
 peak is the better of onnxruntime's MatMul and torch.mm on 2048x2048 matrices with
 the same thread count, and each variant's share of it is computed at that
-variant's own MAC count (the official flops() convention of its family).
+variant's own MAC count (the official flops() convention of its family). With
+--int8 the exports are made with --int8 and their int8 graphs measured too (their
+"GFLOP/s" is the fp32 model's work done per second, for comparison).
 Results go to bench/results/cpu_throughput.{json,md,png}.
 """
 
@@ -83,19 +85,24 @@ class _Subject:
     onnx_nodes: int
     model: torch.nn.Module
     session: ort.InferenceSession
+    int8_session: ort.InferenceSession | None
 
 
-def _prepare(variant: str, threads: int) -> _Subject:
-    export_dir = Path("artifacts") / f"bench-{variant}-random-init"
+def _prepare(variant: str, threads: int, int8: bool) -> _Subject:
+    export_dir = Path("artifacts") / f"bench-{variant}-random-init{'-int8' if int8 else ''}"
     manifest = run_export(
-        ExportOptions(variant=variant, random_init=True, out=export_dir, engine="skip"), log=lambda _: None
+        ExportOptions(variant=variant, random_init=True, int8=int8, out=export_dir, engine="skip"), log=lambda _: None
     )
     h, w = manifest.input_size
     torch.manual_seed(0)
     model = create_model(variant, img_size=(h, w))
-    session = ort.InferenceSession(
-        str(export_dir / manifest.onnx_fp32), _options(threads), providers=["CPUExecutionProvider"]
+    session, int8_session = (
+        ort.InferenceSession(str(export_dir / name), _options(threads), providers=["CPUExecutionProvider"])
+        if name
+        else None
+        for name in (manifest.onnx_fp32, manifest.onnx_int8)
     )
+    assert session is not None
     return _Subject(
         variant=variant,
         size=(h, w),
@@ -104,12 +111,13 @@ def _prepare(variant: str, threads: int) -> _Subject:
         onnx_nodes=manifest.graph.node_count,
         model=model,
         session=session,
+        int8_session=int8_session,
     )
 
 
-def run(variants: list[str], threads: int, rounds: int, batches: tuple[int, ...]) -> dict[str, Any]:
+def run(variants: list[str], threads: int, rounds: int, batches: tuple[int, ...], int8: bool = False) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    subjects = [_prepare(v, threads) for v in variants]
+    subjects = [_prepare(v, threads, int8) for v in variants]
     rng = np.random.default_rng(0)
     inputs = {(s.variant, b): rng.standard_normal((b, 3, *s.size), dtype=np.float32) for s in subjects for b in batches}
 
@@ -125,6 +133,17 @@ def run(variants: list[str], threads: int, rounds: int, batches: tuple[int, ...]
     def ort_fn(s: _Subject, b: int) -> Callable[[], object]:
         return lambda: s.session.run(None, {"pixels": inputs[s.variant, b]})
 
+    def int8_fn(s: _Subject, b: int) -> Callable[[], object]:
+        session = s.int8_session
+        assert session is not None
+        return lambda: session.run(None, {"pixels": inputs[s.variant, b]})
+
+    engines: list[tuple[str, Callable[[_Subject, int], Callable[[], object]]]] = [
+        ("pytorch", torch_fn),
+        ("onnxruntime", ort_fn),
+    ]
+    engines += [("onnxruntime int8", int8_fn)] if int8 else []
+
     peak_fns = {"onnxruntime MatMul": _ort_matmul(threads), "torch.mm": _torch_matmul()}
     samples: dict[str, list[float]] = {}
     for _ in range(rounds):  # interleaved: every round measures everything once
@@ -132,7 +151,7 @@ def run(variants: list[str], threads: int, rounds: int, batches: tuple[int, ...]
             samples.setdefault(f"peak/{name}", []).append(2 * PEAK_N**3 / _timed(fn, 3) / 1e9)
         for s in subjects:
             for b in batches:
-                for label, make in (("pytorch", torch_fn), ("onnxruntime", ort_fn)):
+                for label, make in engines:
                     seconds = _timed(make(s, b), 1 if b > 1 else 3)
                     samples.setdefault(f"{s.variant}/{label}/{b}", []).append(b / seconds)
 
@@ -141,7 +160,7 @@ def run(variants: list[str], threads: int, rounds: int, batches: tuple[int, ...]
     rows = []
     for s in subjects:
         for b in batches:
-            for label in ("pytorch", "onnxruntime"):
+            for label, _ in engines:
                 runs = samples[f"{s.variant}/{label}/{b}"]
                 ips = statistics.median(runs)
                 gflops = ips * s.gflop_per_image
@@ -244,13 +263,15 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     rows = result["results"]
     groups = sorted({(r["variant"], r["batch"]) for r in rows}, key=lambda g: (g[1], g[0]))
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.5))
-    width = 0.38
-    for i, engine in enumerate(("pytorch", "onnxruntime")):
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    width = 0.8 / len(engines)
+    for i, engine in enumerate(engines):
         values = [
             next(r["gflop_per_s"] for r in rows if (r["variant"], r["batch"], r["engine"]) == (v, b, engine))
             for v, b in groups
         ]
-        ax.bar([x + (i - 0.5) * width for x in range(len(groups))], values, width, label=engine)
+        offset = (i - (len(engines) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(groups))], values, width, label=engine)
     for (name, value), style in zip(result["peak_gflop_per_s"].items(), ("--", ":"), strict=False):
         ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name} peak")
     ax.set_xticks(range(len(groups)), [f"{v}\nbatch {b}" for v, b in groups], fontsize=8)
@@ -271,10 +292,14 @@ def main() -> None:
         help="comma-separated variants, measured side by side (default: %(default)s)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--int8", action="store_true", help="also the int8 graph of an --int8 export (onnxruntime dynamic quantization)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run([v.strip() for v in args.variants.split(",") if v.strip()], args.threads, args.rounds, (1, 8))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    result = run(variants, args.threads, args.rounds, (1, 8), int8=args.int8)
     for path in write_reports(result, args.out):
         print(f"wrote {path}")
     print(args.out.joinpath("cpu_throughput.md").read_text())

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32), verified against fp32 (fails beyond 1e-2)",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write an int8 graph (onnxruntime dynamic quantization, verified against fp32) that a CPU "
+        "service runs instead of fp32 (classification)",
+    )
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=None, help="default: 8 (classify), 2 (detect)")
     p.add_argument("--max-batch", type=int, default=None, help="default: 32 (classify), 8 (detect)")
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone_weights=args.backbone_weights,
         image_size=args.image_size,
         fp16=args.fp16,
+        int8=args.int8,
         min_batch=args.min_batch,
         opt_batch=args.opt_batch or 0,
         max_batch=args.max_batch or 0,

@@ -28,6 +28,7 @@ class ExportOptions:
     backbone_weights: Path | None = None
     image_size: tuple[int, int] | None = None  # None: the task's default
     fp16: bool = False
+    int8: bool = False  # also a dynamically quantized int8 graph, which CPU serving then prefers
     min_batch: int = 1
     opt_batch: int = 0  # 0: the task's default
     max_batch: int = 0
@@ -109,6 +110,8 @@ class ExportOptions:
             raise ExportError(f"--model-version {self.model_version!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if self.labels is not None and not self.labels.is_file():
             raise ExportError(f"--labels {self.labels}: no such file")
+        if self.int8 and hooks.no_int8_reason is not None:
+            raise ExportError(f"--int8 is not offered for --task {self.task}: {hooks.no_int8_reason}")
         if self.out is not None and self.out.exists() and not self.out.is_dir():
             raise ExportError(f"--out {self.out}: exists and is not a folder")
         hooks.check(self)

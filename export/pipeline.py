@@ -17,6 +17,7 @@ from export import tensorrt_engine
 from export.engine import ensure_engine
 from export.fp16 import convert_to_fp16
 from export.graph_gate import check_graph
+from export.int8 import quantize_int8
 from export.onnx_export import INPUT_NAME, OPSET, keep_outputs, save_onnx
 from export.options import ExportError, ExportOptions, read_label_file
 from export.tasks import ExportTask
@@ -43,6 +44,7 @@ from manifest import (
 
 FP32_ONNX = "model.fp32.onnx"
 FP16_ONNX = "model.fp16.onnx"
+INT8_ONNX = "model.int8.onnx"
 LABELS = "labels.txt"
 
 
@@ -67,7 +69,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
     task = opts.hooks
     out = opts.out or opts.default_out()
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(7 if opts.fp16 else 6, log)
+    progress = Progress(6 + opts.fp16 + opts.int8, log)
     variant = get_variant(opts.variant)
 
     with progress.step("weights"):
@@ -89,6 +91,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
         "input_size": list(opts.size),
         "weights_role": opts.weights_role,
         "precision": opts.precision,
+        "int8": opts.int8,
         "batch": list(opts.batch),
         "model_kwargs": opts.model_kwargs,
         "num_classes": config.num_classes,
@@ -102,12 +105,13 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
             if k in ("torch", "onnx", "onnxscript", "onnxconverter-common", "onnxruntime", "onnxruntime-gpu")
         },
     }
-    onnx_files = [FP32_ONNX] + ([FP16_ONNX] if opts.fp16 else [])
+    onnx_files = [FP32_ONNX] + ([FP16_ONNX] if opts.fp16 else []) + ([INT8_ONNX] if opts.int8 else [])
     previous = _previous_manifest(out)
     if previous is not None and previous.inputs == inputs and previous.intact(out, [*onnx_files, LABELS]):
         manifest = previous
         titles = ["PyTorch model", "ONNX export + graph gate", "verification"]
-        for title in titles + (["fp16 ONNX + verification"] if opts.fp16 else []):
+        titles += ["fp16 ONNX + verification"] * opts.fp16 + ["int8 ONNX + verification"] * opts.int8
+        for title in titles:
             with progress.step(title):
                 log("      unchanged inputs and artifacts (sha256 verified): reusing")
     else:
@@ -200,6 +204,12 @@ def _export_fresh(
             save_onnx(served16, out / FP16_ONNX)
             log(f"      fp16 vs fp32 (onnxruntime): {task.summary(verification['fp16_vs_fp32'])}")
 
+    if opts.int8:
+        with progress.step("int8 ONNX + verification"):
+            quantize_int8(out / FP32_ONNX, out / INT8_ONNX)
+            verification["int8_vs_fp32"] = task.verify_int8(out / FP32_ONNX, out / INT8_ONNX, size)
+            log(f"      int8 vs fp32 (onnxruntime): {task.summary(verification['int8_vs_fp32'])}")
+
     height, width = size
     fields: dict[str, Any] = {
         "variant": get_variant(opts.variant).name,
@@ -212,6 +222,7 @@ def _export_fresh(
         "precision": opts.precision,
         "onnx": FP16_ONNX if opts.fp16 else FP32_ONNX,
         "onnx_fp32": FP32_ONNX,
+        "onnx_int8": INT8_ONNX if opts.int8 else None,
         "labels": LABELS,
         "input": TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, height, width]),
         "batch": dict(zip(("min", "opt", "max"), opts.batch, strict=True)),

@@ -23,6 +23,12 @@ FP32_RELATIVE_TOLERANCE = 1e-4
 # fp16 against fp32, both on onnxruntime: max |diff| at most this fraction of the output's scale.
 # A Focal-T fp16 export measures ~6e-4 (random init); an overflow or a broken cast gives inf or O(1).
 FP16_RELATIVE_TOLERANCE = 1e-2
+# int8 (dynamic quantization) against fp32, both on onnxruntime: max |diff| at most this fraction of the
+# logit scale, and top-1 kept for at least INT8_MIN_TOP1_AGREEMENT of the inputs that are not near-ties
+# (see export.tasks.classify.compare_logits). A Focal-T measures ~2e-2 (random init).
+INT8_RELATIVE_TOLERANCE = 0.1
+INT8_MIN_TOP1_AGREEMENT = 0.9
+INT8_VERIFY_BATCHES = (1, 3, 28)  # 32 inputs: enough for an agreement rate to mean something
 
 
 class VerificationError(Exception):
@@ -38,10 +44,12 @@ def cpu_session(graph: Path | onnx.ModelProto, threads: int = 0) -> ort.Inferenc
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def random_inputs(input_size: tuple[int, int], seed: int = 1234) -> dict[int, np.ndarray]:
+def random_inputs(
+    input_size: tuple[int, int], seed: int = 1234, batches: tuple[int, ...] = VERIFY_BATCHES
+) -> dict[int, np.ndarray]:
     """Normalised-pixel-like inputs per verification batch size."""
     generator = torch.Generator().manual_seed(seed)
-    return {b: torch.randn(b, 3, *input_size, generator=generator).numpy() for b in VERIFY_BATCHES}
+    return {b: torch.randn(b, 3, *input_size, generator=generator).numpy() for b in batches}
 
 
 def run_onnx(graph: Path | onnx.ModelProto, inputs: dict[int, np.ndarray]) -> dict[int, list[np.ndarray]]:

@@ -176,7 +176,10 @@ class _ManifestBase(_Strict):
     weights: Weights
     precision: Literal["fp32", "fp16"] = Field(description="what the export produced for GPUs")
     onnx: str = Field(description="the graph a GPU runs (the fp16 one when precision is fp16)")
-    onnx_fp32: str = Field(description="the fp32 graph (what runs on CPUs)")
+    onnx_fp32: str = Field(description="the fp32 graph (what runs on CPUs unless there is an int8 one)")
+    onnx_int8: str | None = Field(
+        None, description="the int8 graph a CPU runs instead of fp32: there only when the export was asked (--int8)"
+    )
     labels: str
     input: TensorSpec
     outputs: list[TensorSpec] = Field(min_length=1, max_length=1)
@@ -197,7 +200,7 @@ class _ManifestBase(_Strict):
 
     @property
     def onnx_names(self) -> list[str]:
-        return sorted({self.onnx, self.onnx_fp32})
+        return sorted({self.onnx, self.onnx_fp32} | ({self.onnx_int8} if self.onnx_int8 else set()))
 
     def write(self, folder: Path) -> Path:
         """Atomically: a reader never sees half a manifest."""

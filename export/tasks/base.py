@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -30,6 +31,8 @@ class ExportTask(ABC):
     name: str
     default_size: tuple[int, int]  # (height, width)
     default_batch: tuple[int, int]  # (opt, max) of the TensorRT profile
+    # Why --int8 is not offered for this task; None where it is (the task implements verify_int8).
+    no_int8_reason: str | None = "its int8 verification is not written yet"
 
     @abstractmethod
     def check(self, opts: ExportOptions) -> None:
@@ -68,6 +71,10 @@ class ExportTask(ABC):
         self, model: nn.Module, fp32: onnx.ModelProto, fp16: onnx.ModelProto, size: tuple[int, int]
     ) -> dict[str, Any]:
         """The fp16 graph against the fp32 one; VerificationError beyond the bound; returns the report."""
+
+    def verify_int8(self, fp32: Path, int8: Path, size: tuple[int, int]) -> dict[str, Any]:
+        """The int8 graph against the fp32 one (files); VerificationError beyond the bound; returns the report."""
+        raise NotImplementedError(self.no_int8_reason)
 
     @abstractmethod
     def manifest(self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any]) -> Manifest:

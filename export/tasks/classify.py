@@ -9,6 +9,7 @@ that bound (a near-tie that any rounding may flip).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,9 @@ from export.tasks.base import IMAGENET_MEAN, IMAGENET_STD, ExportTask, Graphs
 from export.verify import (
     FP16_RELATIVE_TOLERANCE,
     FP32_RELATIVE_TOLERANCE,
+    INT8_MIN_TOP1_AGREEMENT,
+    INT8_RELATIVE_TOLERANCE,
+    INT8_VERIFY_BATCHES,
     VerificationError,
     max_abs_diff_and_scale,
     random_inputs,
@@ -40,6 +44,7 @@ class ClassifyTask(ExportTask):
     name = "classify"
     default_size = (224, 224)
     default_batch = (8, 32)
+    no_int8_reason = None
 
     def check(self, opts: ExportOptions) -> None:
         if opts.backbone_weights is not None:
@@ -103,6 +108,25 @@ class ClassifyTask(ExportTask):
                 f"{report['samples']} inputs; export without --fp16 (or keep more of the graph in fp32)"
             )
         return {**report, "checked_with": "onnxruntime CPU"}
+
+    def verify_int8(self, fp32: Path, int8: Path, size: tuple[int, int]) -> dict[str, Any]:
+        inputs = random_inputs(size, batches=INT8_VERIFY_BATCHES)
+        expected = {b: out[0] for b, out in run_onnx(fp32, inputs).items()}
+        got = {b: out[0] for b, out in run_onnx(int8, inputs).items()}
+        report = compare_logits(expected, got, near_tie=FP16_RELATIVE_TOLERANCE)
+        kept = 1 - report["top1_flips"] / report["samples"]
+        if report["relative_diff"] > INT8_RELATIVE_TOLERANCE or kept < INT8_MIN_TOP1_AGREEMENT:
+            raise VerificationError(
+                f"the int8 graph disagrees with fp32: max |diff| {report['max_abs_diff']:.3g} is "
+                f"{report['relative_diff']:.3g} of the logit scale {report['logit_scale']:.3g} (limit "
+                f"{INT8_RELATIVE_TOLERANCE}), top-1 changed for {report['top1_flips']} of {report['samples']} inputs "
+                f"(at most {1 - INT8_MIN_TOP1_AGREEMENT:.0%} allowed); export without --int8"
+            )
+        return {
+            **report,
+            "method": "onnxruntime dynamic quantization of MatMul and Gemm, int8 weights per channel",
+            "checked_with": "onnxruntime CPU",
+        }
 
     def summary(self, report: dict[str, Any]) -> str:
         return (

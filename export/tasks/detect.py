@@ -59,6 +59,7 @@ class DetectTask(ExportTask):
     name = "detect"
     default_size = (640, 640)
     default_batch = (2, 8)  # a 640x640 detector costs ~16x a 224 classifier per image
+    no_int8_reason = "a detector's quantized outputs have no verification bound yet (classifiers have one)"
 
     def check(self, opts: ExportOptions) -> None:
         if not any(opts.weights_given):

@@ -26,12 +26,15 @@ class OnnxRuntimeBackend:
             session, self.onnx = self._open(manifest.onnx, [CUDA, CPU])
             if session.get_providers()[0] != CUDA:  # onnxruntime falls back to the CPU silently
                 log.warning("the CUDA provider did not start (CUDA libraries missing?): onnxruntime runs on the CPU")
-                session, self.onnx = self._open(manifest.onnx_fp32, [CPU])
+                session, self.onnx = self._open(manifest.onnx_int8 or manifest.onnx_fp32, [CPU])
         else:
-            # The fp16 graph is for GPUs; on the CPU onnxruntime would run it through casts, slowly.
-            session, self.onnx = self._open(manifest.onnx_fp32, [CPU])
+            # The fp16 graph is for GPUs; on the CPU onnxruntime would run it through casts, slowly. The int8
+            # graph, there only when the export was asked for it, is the CPU's choice then.
+            session, self.onnx = self._open(manifest.onnx_int8 or manifest.onnx_fp32, [CPU])
         self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
-        self.precision: str = "fp32" if self.onnx == manifest.onnx_fp32 else manifest.precision
+        self.precision: str = {manifest.onnx_fp32: "fp32", manifest.onnx_int8: "int8"}.get(
+            self.onnx, manifest.precision
+        )
         self.input_name = session.get_inputs()[0].name
         self.session: ort.InferenceSession | None = session
 
