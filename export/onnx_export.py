@@ -21,11 +21,13 @@ import onnxscript.optimizer
 import torch
 from torch import nn
 
-from focal.model import FUSED_BIAS_MAX_ELEMENTS
+from export.options import ExportError
+from focal.model import FUSED_BIAS_MAX_ELEMENTS, GatheredWindowAttention
 
 OPSET = 20
 TRACE_BATCH = 2
 INPUT_NAME = "pixels"
+PROTOBUF_LIMIT_BYTES = 2**31  # one ONNX file holds at most this much (weights and folded constants)
 
 
 @contextlib.contextmanager
@@ -52,6 +54,14 @@ def export_onnx(
 ) -> onnx.ModelProto:
     """Export `model` (eval mode, fp32): the constant-folded graph with a symbolic batch axis, in memory."""
     model = model.eval()
+    largest, total = _folded_biases(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weights + total > 0.9 * PROTOBUF_LIMIT_BYTES:
+        raise ExportError(
+            f"at {input_size[0]}x{input_size[1]} the graph would hold {(weights + total) / 2**30:.1f} GiB of weights "
+            f"and folded attention biases ({total / 2**30:.1f} GiB), beyond what one ONNX file can hold (2 GiB); "
+            "export a smaller input size"
+        )
     example = torch.randn(TRACE_BATCH, 3, *input_size)
     batch = torch.export.Dim("batch", min=1, max=max(max_batch, TRACE_BATCH + 1))
     with _quiet_exporter(), torch.inference_mode():
@@ -68,7 +78,7 @@ def export_onnx(
         )
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
-    proto = fold_constants(program.model_proto)
+    proto = fold_constants(program.model_proto, max(2 * FUSED_BIAS_MAX_ELEMENTS, largest))
     _rename_batch_dim(proto)
     return proto
 
@@ -78,13 +88,20 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(proto, str(path))
 
 
-def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _folded_biases(model: nn.Module) -> tuple[int, int]:
+    """(elements of the largest, bytes of all) attention biases the graph will hold as folded constants."""
+    with torch.inference_mode():
+        sizes = [m.attention_bias().numel() for m in model.modules() if isinstance(m, GatheredWindowAttention)]
+    return max(sizes, default=0), 4 * sum(sizes)
+
+
+def fold_constants(proto: onnx.ModelProto, limit: int = 2 * FUSED_BIAS_MAX_ELEMENTS) -> onnx.ModelProto:
     """Fold every subgraph that depends on constants only.
 
     The exporter's own pass stops at small size limits and leaves the bias tables
-    and index reshapes unfolded; fold up to the largest constant a block can have.
+    and index reshapes unfolded; fold up to `limit` elements, the largest constant a
+    block has (Focal's fused bias and mask, or Focal-fast's per-window bias).
     """
-    limit = 2 * FUSED_BIAS_MAX_ELEMENTS
     with _quiet_exporter():
         return onnxscript.optimizer.optimize(proto, input_size_limit=limit, output_size_limit=limit)
 

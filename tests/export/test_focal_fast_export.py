@@ -12,6 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from export import onnx_export
+from export.options import ExportError, ExportOptions
+from export.pipeline import run_export
 from manifest import read_manifest, sha256_file
 from service.app import create_app
 from service.settings import Settings
@@ -86,3 +89,28 @@ async def test_a_focal_fast_export_is_served(tmp_path: Path) -> None:
     assert response.status_code == 200, response.text
     assert len(response.json()["results"][0]["predictions"]) == 3
     assert models[0]["variant"] == "focal_fast_tiny"
+
+
+def _fast_options(out: Path) -> ExportOptions:
+    case = load_official_case("v2_micro_224")
+    kwargs = micro_kwargs("v2_micro_224", CLASSIFIER_KEYS)
+    return ExportOptions(
+        variant="focal_fast_tiny", weights=case.checkpoint, model_kwargs=kwargs, out=out, engine="skip"
+    )
+
+
+def test_folding_reaches_the_largest_per_window_bias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Focal-fast's bias is per window ([heads, windows, 49, keys]): at 448 a Focal-fast-T block's is 9.6 M
+    elements, beyond the fixed folding limit that suits Focal. The limit follows the model's largest bias;
+    here the fixed limit is made smaller than the micro model's biases to show it."""
+    monkeypatch.setattr(onnx_export, "FUSED_BIAS_MAX_ELEMENTS", 1000)
+    manifest = run_export(_fast_options(tmp_path), log=lambda _: None)
+    assert manifest.graph.node_count > 0  # gated: every bias folded
+
+
+def test_an_export_too_large_for_one_onnx_file_is_refused_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT_BYTES", 10**6)
+    with pytest.raises(ExportError, match=r"beyond what one ONNX file can hold \(2 GiB\); export a smaller input size"):
+        run_export(_fast_options(tmp_path), log=lambda _: None)
