@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = opts.out or opts.default_out()
     engine = manifest.engine.path if manifest.engine else f"none ({manifest.engine_skipped_reason})"
+    cpu = f", {manifest.onnx_int8} for CPUs" if manifest.onnx_int8 else ""
     print(
-        f"exported {manifest.variant} to {out} in {time.perf_counter() - start:.0f} s: {manifest.onnx}, engine {engine}"
+        f"exported {manifest.variant} to {out} in {time.perf_counter() - start:.0f} s: {manifest.onnx}{cpu}, "
+        f"engine {engine}"
     )
     return 0
 

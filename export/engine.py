@@ -97,7 +97,8 @@ def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) 
         current: Manifest | None = read_manifest(target)
     except ManifestError:
         current = None
-    if current is not None and all(current.sha256.get(n) == manifest.sha256.get(n) for n in names):
+    same = current is not None and current.onnx_names == manifest.onnx_names and current.inputs == manifest.inputs
+    if same and current is not None and all(current.sha256.get(n) == manifest.sha256.get(n) for n in names):
         log(f"{target} already holds this export")
         return
     target.mkdir(parents=True, exist_ok=True)

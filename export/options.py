@@ -77,7 +77,7 @@ class ExportOptions:
 
     def default_out(self) -> Path:
         h, w = self.size
-        suffix = "-random-init" if self.random_init else ""
+        suffix = ("-int8" if self.int8 else "") + ("-random-init" if self.random_init else "")
         return Path("artifacts") / f"{get_variant(self.variant).name}-{self.task}-{h}x{w}-{self.precision}{suffix}"
 
     def validate(self) -> None:

@@ -118,6 +118,8 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
         # A manifest must never describe artifacts it did not verify: drop the old one first,
         # so an interrupted or failed export leaves no manifest at all.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
+        for name in {FP16_ONNX, INT8_ONNX} - set(onnx_files):  # left by an earlier export with other options
+            (out / name).unlink(missing_ok=True)
         manifest = _export_fresh(opts, task, out, progress, config, state, source, log)
         manifest.inputs = inputs
         manifest.versions = package_versions()

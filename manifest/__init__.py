@@ -206,7 +206,8 @@ class _ManifestBase(_Strict):
         """Atomically: a reader never sees half a manifest."""
         path = folder / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        # Without --int8 the field is left out, so readers of format 2 from before it still read the file.
+        tmp.write_text(self.model_dump_json(indent=2, exclude={"onnx_int8"} if self.onnx_int8 is None else None) + "\n")
         tmp.replace(path)
         return path
 

@@ -33,7 +33,7 @@ class BackendUnavailable(Exception):
 class Backend(Protocol):
     name: str  # "tensorrt", "onnxruntime" or "torch"
     device: str  # where it runs, in words
-    precision: str  # "fp32" or "fp16": what actually runs
+    precision: str  # "fp32", "fp16" or "int8": what actually runs
     max_batch_size: int
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
