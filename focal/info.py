@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from focal.config import FocalConfig
+from focal.geometry import BlockGeometry
 from focal.model import FocalTransformer
 from focal.topk import TopKGeometry
 
@@ -34,29 +35,44 @@ class ModelInfo:
 
 
 def official_macs(model: FocalTransformer) -> float:
-    if model.config.family == "focal_fast":
-        return _official_v2_macs(model)
     cfg = model.config
+    attention = _v2_attention_macs if cfg.family == "focal_fast" else _v1_attention_macs
     macs = _stem_macs(model)
     for i, (dim, (h, w)) in enumerate(zip(cfg.stage_dims(), model.resolutions, strict=True)):
-        heads = cfg.num_heads[i]
-        head_dim = dim // heads
         for g in model.geometries[i]:
             n = g.window_area
             windows = h * w / g.window / g.window
-            keys = n  # per window: q.k and attn.v each over these keys
-            if g.pooled:
-                keys += g.focal_window**2
-            if g.expand > 0:
-                keys += (g.window + 2 * g.expand) ** 2 - n
-            per_window = n * dim * 3 * dim + 2 * heads * n * head_dim * keys + n * dim * dim
             macs += dim * h * w * 2  # norm1, norm2
-            macs += windows * per_window
+            macs += windows * attention(g, dim, cfg.num_heads[i], cfg.focal_levels[i])
             if g.pooled:
                 macs += windows * dim * n + windows * dim * 3 * dim  # pooling, qkv of pooled tokens
             macs += 2 * h * w * dim * dim * cfg.mlp_ratio
         macs += _downsample_macs(model, i)
     return macs + _head_macs(model)
+
+
+def _v1_attention_macs(g: BlockGeometry, dim: int, heads: int, focal_level: int) -> float:
+    """One window's qkv, q.k, attn.v and projection, as the official v1 flops() counts them."""
+    n = g.window_area
+    keys = n  # per window: q.k and attn.v each over these keys
+    if g.pooled:
+        keys += g.focal_window**2
+    if g.expand > 0:
+        keys += (g.window + 2 * g.expand) ** 2 - n
+    return n * dim * 3 * dim + 2 * heads * n * (dim // heads) * keys + n * dim * dim
+
+
+def _v2_attention_macs(g: BlockGeometry, dim: int, heads: int, focal_level: int) -> float:
+    """The same for Focal-fast (its own flops()): per level, q.k and attn.v over its K keys and the coordinate
+    MLP, whose count runs over focal_level levels even where a stage has no pooled tokens."""
+    assert isinstance(g, TopKGeometry)
+    n, head_dim = g.window_area, dim // heads
+    keys = [min(g.top_k, g.height * g.width), min(g.top_k, g.num_windows)][:focal_level]
+    macs = n * dim * 3 * dim + n * dim * dim
+    for level, k in enumerate(keys):
+        queries = n if level == 0 else 1  # official: N // window_size_glo**2, one pooled query
+        macs += 2 * heads * n * head_dim * k + queries * k * (2 * head_dim + head_dim * heads)
+    return macs
 
 
 def _stem_macs(model: FocalTransformer) -> float:
@@ -86,30 +102,6 @@ def _head_macs(model: FocalTransformer) -> float:
     return float(cfg.num_features * h0 * w0 // (1 << cfg.num_stages)) + (
         0 if cfg.features_only else cfg.num_features * cfg.num_classes
     )
-
-
-def _official_v2_macs(model: FocalTransformer) -> float:
-    cfg = model.config
-    macs = _stem_macs(model)
-    for i, (dim, (h, w)) in enumerate(zip(cfg.stage_dims(), model.resolutions, strict=True)):
-        heads = cfg.num_heads[i]
-        head_dim = dim // heads
-        for g in model.geometries[i]:
-            assert isinstance(g, TopKGeometry)
-            n = g.window_area
-            windows = h * w / g.window / g.window
-            # The official count runs over focal_level levels even where a stage has no pooled tokens.
-            keys = [min(g.top_k, h * w), min(g.top_k, g.num_windows)][: cfg.focal_levels[i]]
-            per_window = n * dim * 3 * dim + n * dim * dim
-            for level, k in enumerate(keys):
-                queries = n if level == 0 else 1  # official: N // window_size_glo**2, one pooled query
-                per_window += 2 * heads * n * head_dim * k + queries * k * (2 * head_dim + head_dim * heads)
-            macs += dim * h * w * 2 + windows * per_window  # norm1, norm2, attention
-            if g.pooled:
-                macs += windows * dim * n + windows * dim * 3 * dim  # pooling, qkv of pooled tokens
-            macs += 2 * h * w * dim * dim * cfg.mlp_ratio
-        macs += _downsample_macs(model, i)
-    return macs + _head_macs(model)
 
 
 def describe(config: FocalConfig) -> ModelInfo:
