@@ -78,9 +78,15 @@ def _model_ms_per_image(folder: Path, manifest: Manifest, sample: np.ndarray, ba
     return _tight_loop_ms(lambda: session.run(None, feed)) / batch
 
 
-def _serve(folder: Path, body: bytes, concurrency: int, seconds: float, threads: int) -> dict[str, Any]:
+def _serve(
+    folder: Path, body: bytes, concurrency: int, seconds: float, threads: int, spinning: bool = True
+) -> dict[str, Any]:
     with running_server(
-        folder, max_batch_size=str(MAX_BATCH), max_queue_size="1024", intra_op_threads=str(threads)
+        folder,
+        max_batch_size=str(MAX_BATCH),
+        max_queue_size="1024",
+        intra_op_threads=str(threads),
+        intra_op_spinning=str(spinning).lower(),
     ) as server:
         url = f"{server.url}/classify"
         pid = server.process.pid
@@ -92,7 +98,7 @@ def _serve(folder: Path, body: bytes, concurrency: int, seconds: float, threads:
         images1, batches1 = _batch_counters(server)
     images = images1 - images0
     return {
-        "intra_op_threads": threads or "default (one per core)",
+        "intra_op_threads": (str(threads) if threads else "one per core") + ("" if spinning else ", no spinning"),
         "images": int(images),
         "errors": result["errors"],
         "images_per_s": round(len(result["latencies"]) / result["elapsed"], 1),
@@ -118,13 +124,14 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
         return spec.to_canvas(decode(body, 10**8, draft_short_side=spec.draft_short_side)).pixels
 
     sample = preprocess()
-    runs: dict[str, list[dict[str, Any]]] = {"1": [], "default": []}
+    configs = {"1": (1, True), "default": (0, True), "default, no spinning": (0, False)}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in configs}
     decode_ms: list[float] = []
     for _ in range(rounds):  # interleaved, medians: the machine is shared
         decode_ms.append(_tight_loop_ms(preprocess))
-        runs["1"].append(_serve(folder, body, concurrency, seconds, threads=1))
-        runs["default"].append(_serve(folder, body, concurrency, seconds, threads=0))
-        print(f"round: decode {decode_ms[-1]:.2f} ms, {runs['1'][-1]}, {runs['default'][-1]}", flush=True)
+        for key, (threads, spinning) in configs.items():
+            runs[key].append(_serve(folder, body, concurrency, seconds, threads, spinning))
+        print(f"round: decode {decode_ms[-1]:.2f} ms, {[r[-1] for r in runs.values()]}", flush=True)
 
     rows = []
     for samples in runs.values():

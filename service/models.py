@@ -94,7 +94,9 @@ BackendLoader = Callable[[ModelFolder, Settings], Backend]
 
 def default_backend(checked: ModelFolder, settings: Settings) -> Backend:
     """The backend the settings and the machine call for (`service.backends.load_backend`)."""
-    return load_backend(checked.folder, checked.manifest, settings.backend, settings.intra_op_threads)
+    return load_backend(
+        checked.folder, checked.manifest, settings.backend, settings.intra_op_threads, settings.intra_op_spinning
+    )
 
 
 class _BatchEvents:

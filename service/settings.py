@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a queued image older than this gets 504")
     preprocess_threads: int = Field(4, ge=1)
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads (0: one per core)")
+    intra_op_spinning: bool = Field(
+        True, description="onnxruntime's CPU threads spin-wait for work between ops instead of sleeping"
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(32, ge=1)

@@ -41,7 +41,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def load_backend(folder: Path, manifest: Manifest, choice: str, intra_op_threads: int = 0) -> Backend:
+def load_backend(
+    folder: Path, manifest: Manifest, choice: str, intra_op_threads: int = 0, intra_op_spinning: bool = True
+) -> Backend:
     if choice in ("auto", "tensorrt") and manifest.engine is not None:
         try:
             from service.backends.tensorrt_backend import TensorRTBackend
@@ -59,4 +61,4 @@ def load_backend(folder: Path, manifest: Manifest, choice: str, intra_op_threads
         return TorchBackend(manifest)
     from service.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(folder, manifest, intra_op_threads=intra_op_threads)
+    return OnnxRuntimeBackend(folder, manifest, intra_op_threads=intra_op_threads, spinning=intra_op_spinning)

@@ -19,9 +19,9 @@ CPU = "CPUExecutionProvider"
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, manifest: Manifest, intra_op_threads: int = 0) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, intra_op_threads: int = 0, spinning: bool = True) -> None:
         self.max_batch_size = manifest.batch.max
-        self._folder, self._manifest, self._threads = folder, manifest, intra_op_threads
+        self._folder, self._manifest, self._threads, self._spinning = folder, manifest, intra_op_threads, spinning
         if CUDA in ort.get_available_providers():
             session, self.onnx = self._open(manifest.onnx, [CUDA, CPU])
             if session.get_providers()[0] != CUDA:  # onnxruntime falls back to the CPU silently
@@ -49,6 +49,9 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
+        # Spinning threads answer the next op sooner but burn a core while they wait: CPU the decode threads of
+        # the host path could have used (bench.host_path measures both).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spinning else "0")
         options.log_severity_level = 3
         return ort.InferenceSession(str(path), options, providers=providers), onnx_name
 

@@ -153,3 +153,28 @@ def test_auto_falls_back_to_onnxruntime_when_the_engine_cannot_run(
         assert load_backend(folder, manifest, "auto").name == "onnxruntime"
         with pytest.raises(BackendUnavailable, match="sha256 differs from the manifest"):
             load_backend(folder, manifest, "tensorrt")
+
+
+@pytest.mark.parametrize(("env", "allowed"), [(None, "1"), ("false", "0")])
+def test_onnxruntime_spinning_follows_the_setting(
+    classify_export: ClassifyExport, monkeypatch: pytest.MonkeyPatch, env: str | None, allowed: str
+) -> None:
+    """FOCAL_INTRA_OP_SPINNING reaches the session: spinning threads burn CPU the decode threads could use."""
+    import onnxruntime as ort
+
+    from service.models import check_model_folder, default_backend
+    from service.settings import Settings
+
+    seen: list[str] = []
+    real = ort.InferenceSession
+
+    def recording(path: str, options: ort.SessionOptions, **kwargs: object) -> ort.InferenceSession:
+        seen.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    if env is not None:
+        monkeypatch.setenv("FOCAL_INTRA_OP_SPINNING", env)
+    backend = default_backend(check_model_folder(classify_export.folder), Settings(models=[classify_export.folder]))
+    assert seen == [allowed]
+    backend.close()
