@@ -1,6 +1,7 @@
 """CPU throughput: our PyTorch models vs their ONNX exports on onnxruntime, against the machine's matmul peak.
 
     python -m bench.cpu_throughput [--variants focal_tiny,focal_fast_tiny] [--threads 2] [--rounds 7] [--int8]
+                                   [--out bench/results]
 
 Everything is measured in one run, interleaved (peak, then every variant's PyTorch
 and ONNX, round after round) with medians, because shared machines have slow

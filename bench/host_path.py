@@ -1,6 +1,6 @@
 """Host path: what the server spends per image besides the model, and how much of it is serialised.
 
-    python -m bench.host_path [--concurrency 16] [--seconds 15] [--rounds 3]
+    python -m bench.host_path [--concurrency 16] [--seconds 15] [--rounds 3] [--out bench/results]
 
 With a micro Focal (an export whose model costs almost nothing, so the host path is
 what shows), a 1280x960 JPEG posted to /classify:
@@ -9,8 +9,9 @@ what shows), a 1280x960 JPEG posted to /classify:
    can avoid (Pillow draft decode, resize, crop, normalise);
 2. the model alone (onnxruntime, one thread) at the batch size the server formed;
 3. the server under saturating load (`python -m service`, FOCAL_INTRA_OP_THREADS=1
-   so that model CPU time is work, and again with onnxruntime's default thread pool,
-   whose spinning threads also burn CPU): its process CPU time per image, all
+   so that model CPU time is work; again with onnxruntime's default thread pool,
+   whose spinning threads also burn CPU; and once more with that pool and spinning
+   off, FOCAL_INTRA_OP_SPINNING=false): its process CPU time per image, all
    threads counted, minus the model's, and the part spent on the main thread, where
    the event loop runs (request parsing, response building, batching: the part one
    process serialises);

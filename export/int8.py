@@ -1,7 +1,8 @@
 """The int8 CPU graph (`python -m export --int8`): onnxruntime's dynamic quantization of the fp32 graph.
 
-Dynamic: the weights of every MatMul and Gemm with a constant weight (the linear
-layers, which take over half of a Focal model's CPU time) are stored as int8, per
+Dynamic: the weights of every MatMul and Gemm whose second operand is a constant (the
+linear layers, which take over half of a Focal model's CPU time; not the window-pooling
+fc, whose weight is the first operand) are stored as int8, per
 output channel, and each activation is quantized on the fly from its own range, so no
 calibration images are needed and no range can be calibrated wrong. Convolutions, the
 attention products (activation by activation), LayerNorm, Softmax and Gelu stay fp32.
@@ -18,7 +19,7 @@ import platform
 from pathlib import Path
 
 QUANTIZED_OPS = ["MatMul", "Gemm"]
-QUANTIZATION_METHOD = "onnxruntime dynamic quantization of MatMul and Gemm with constant weights, int8 per channel"
+QUANTIZATION_METHOD = "onnxruntime dynamic quantization of MatMul and Gemm with a constant weight, int8 per channel"
 # x86 instruction sets with int8 dot products; without them onnxruntime's u8 x s8 products can saturate
 # (onnxruntime's quantization docs), so an int8 graph verified on one CPU may differ a little on another.
 _INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")

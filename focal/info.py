@@ -9,7 +9,8 @@ stem and downsampling convs with their kernels (patch-size kernels, or 7x7 and
 LayerNorm as one MAC per element.
 
 Focal-fast follows its own file's `flops()` (`focal_transformer_v2.py`): per level,
-q.k and attn.v over its K keys plus the coordinate MLP counted per window. That
+q.k and attn.v over its K keys plus the coordinate MLP, counted per query token for
+the fine level and once per window for the pooled one. That
 gives 5.32 G for Focal-fast-T at 224, not the 5.0 G of the official README's table.
 """
 
