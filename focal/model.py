@@ -239,7 +239,6 @@ class FocalFastAttention(GatheredWindowAttention):
         qk_scale: float | None = None,
     ) -> None:
         super().__init__(dim, num_heads, geom, qk_scale)
-        self.topk_geom = geom
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         levels = len(geom.level_keys)
@@ -255,6 +254,12 @@ class FocalFastAttention(GatheredWindowAttention):
         self.derive_gathers()
         self.register_load_state_dict_pre_hook(_check_selections_before_load)
         self.register_load_state_dict_post_hook(_derive_gathers_after_load)
+
+    @property
+    def topk_geom(self) -> topk.TopKGeometry:
+        """`geom`, typed as what it is here."""
+        assert isinstance(self.geom, topk.TopKGeometry)
+        return self.geom
 
     def selections(self) -> list[Tensor]:
         """The key selection of each level, [windows, K] (the official index buffers)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from focal.geometry import BlockGeometry
+from focal.geometry import BlockGeometry, unpartition_index
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,11 @@ def selection_problem(indices: Tensor, g: TopKGeometry, level: int) -> str | Non
 def coordinates(indices: Tensor, g: TopKGeometry, level: int) -> Tensor:
     """[nW, ws*ws, K, 2] float32 (dy, dx) of query token minus key, exactly the official
     `topk_cloest_coords_{level}` buffer for these indices."""
+    return _offsets(indices, g, level).float()
+
+
+def _offsets(indices: Tensor, g: TopKGeometry, level: int) -> Tensor:
+    """`coordinates` as int64: whole tokens of the stage map."""
     ws = g.window
     grid_cols = g.level_grid(level)[1]
     indices = indices.cpu().long()
@@ -141,7 +146,7 @@ def coordinates(indices: Tensor, g: TopKGeometry, level: int) -> Tensor:
     a, b = torch.meshgrid(_arange(ws), _arange(ws), indexing="ij")
     offsets = torch.stack([a.flatten(), b.flatten()], dim=1)  # [ws*ws, 2]
     queries = corner[:, None, :] + offsets[None, :, :]  # [nW, ws*ws, 2]
-    return (queries[:, :, None, :] - keys[:, None, :, :]).float()
+    return queries[:, :, None, :] - keys[:, None, :, :]
 
 
 def coordinate_grid(g: TopKGeometry) -> Tensor:
@@ -159,18 +164,15 @@ def bias_index(selections: list[Tensor], g: TopKGeometry) -> Tensor:
     cells = span * (2 * g.height - 1)
     parts = []
     for level, indices in enumerate(selections):
-        coords = coordinates(indices, g, level).long()
+        coords = _offsets(indices, g, level)
         parts.append((coords[..., 0] + g.height - 1) * span + coords[..., 1] + g.width - 1 + level * cells)
     return torch.cat(parts, dim=-1).flatten()
 
 
 def key_index(selections: list[Tensor], g: TopKGeometry) -> Tensor:
     """[nW * (K0+K1)] int64 rows of the stage's key table [window-order tokens; pooled tokens]."""
-    ws = g.window
-    indices = selections[0]
-    row, col = indices // g.width, indices % g.width
-    window_order = ((row // ws) * g.windows_w + col // ws) * g.window_area + (row % ws) * ws + col % ws
-    parts = [window_order]
+    window_order = torch.tensor(unpartition_index(g))  # the window-order row of each row-major token
+    parts = [window_order[selections[0]]]
     if len(selections) > 1:
         parts.append(g.num_windows * g.window_area + selections[1])
     return torch.cat(parts, dim=1).flatten()
