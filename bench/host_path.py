@@ -8,37 +8,40 @@ what shows), a 1280x960 JPEG posted to /classify:
 1. decode + preprocess of that image in a tight loop, one thread: the work no server
    can avoid (Pillow draft decode, resize, crop, normalise);
 2. the model alone (onnxruntime, one thread) at the batch size the server formed;
-3. the server under saturating load (`python -m service`, FOCAL_INTRA_OP_THREADS=1
-   so that model CPU time is work; again with onnxruntime's default thread pool,
-   whose spinning threads also burn CPU; and once more with that pool and spinning
-   off, FOCAL_INTRA_OP_SPINNING=false): its process CPU time per image, all
-   threads counted, minus the model's, and the part spent on the main thread, where
-   the event loop runs (request parsing, response building, batching: the part one
-   process serialises);
-4. served images/s and the average batch size at the engine (from /metrics).
+3. the server under saturating load (`python -m service`, FOCAL_INTRA_OP_THREADS=1 so
+   that model CPU time is work), with one process (FOCAL_WORKERS=1), with two front ends
+   and the model host (FOCAL_WORKERS=2), and with two front ends and onnxruntime's
+   default pool without spinning: the CPU time of every server process, all threads
+   counted, minus the model's; the part spent on the front ends' main threads, where
+   their event loops run (request parsing, response building: the part one process
+   serialises); and the model host's main thread;
+4. served images/s, the average batch size at the engine and the front ends per batch
+   (from /metrics), and the server's memory.
 
 The load generator runs in this process on the same machine: on 2 cores it competes
 with the server, so images/s is a floor; the CPU-ms per image are the server's own.
-This is the one-process baseline for issue 13's multi-process front end (FOCAL_WORKERS,
-not built yet). Results: bench/results/host_path.{json,md}.
+The configurations run interleaved, in rounds. Results: bench/results/host_path.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 
 from bench.cpu_throughput import RESULTS, _cpu_name
-from bench.load import _batch_counters, _load, sample_jpeg
+from bench.load import _batch_counters, _load, _rss_mb, sample_jpeg
 from export.options import ExportOptions
 from export.pipeline import run_export
 from manifest import Manifest
@@ -58,6 +61,41 @@ def _cpu_seconds(pid: int, thread: int | None = None) -> float:
     path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (the supervisor, the model host and the front ends)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def _server_cpu(pids: list[int], loops: list[int]) -> tuple[float, float]:
+    """(CPU seconds of every process, of the event-loop threads in `loops`), skipping processes gone."""
+    total = loop = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += _cpu_seconds(pid)
+            if pid in loops:
+                loop += _cpu_seconds(pid, pid)
+    return total, loop
+
+
+def _pid_logged(logs: str, message: str) -> int:
+    for line in logs.splitlines():
+        if message in line:
+            return int(json.loads(line)["pid"])
+    raise RuntimeError(f"no {message!r} in the server's log")
 
 
 def _tight_loop_ms(fn: Any, seconds: float = 3.0) -> float:
@@ -80,33 +118,62 @@ def _model_ms_per_image(folder: Path, manifest: Manifest, sample: np.ndarray, ba
 
 
 def _serve(
-    folder: Path, body: bytes, concurrency: int, seconds: float, threads: int, spinning: bool = True
+    folder: Path, body: bytes, concurrency: int, seconds: float, workers: int, threads: int, spinning: bool = True
 ) -> dict[str, Any]:
     with running_server(
         folder,
+        workers=str(workers),
         max_batch_size=str(MAX_BATCH),
         max_queue_size="1024",
         intra_op_threads=str(threads),
         intra_op_spinning=str(spinning).lower(),
     ) as server:
         url = f"{server.url}/classify"
-        pid = server.process.pid
         asyncio.run(_load(url, body, concurrency, 3.0))  # warm-up: pools, caches, the first batches
+        pids = _tree(server.process.pid)
+        if workers == 1:
+            front_ends, host = [server.process.pid], server.process.pid
+        else:
+            host = _pid_logged(server.logs(), "started the model host")
+            front_ends = [pid for pid in pids if pid not in (host, server.process.pid) and _is_front_end(pid)]
+            assert len(front_ends) == workers, (pids, host, front_ends)
+        rss_mb = sum(_rss_mb(pid) for pid in pids)
         images0, batches0 = _batch_counters(server)
-        cpu0, loop0 = _cpu_seconds(pid), _cpu_seconds(pid, pid)
+        sources0 = _front_ends_per_batch(server)
+        cpu0, loops0 = _server_cpu(pids, front_ends)
+        host_loop0 = _cpu_seconds(host, host)
         result = asyncio.run(_load(url, body, concurrency, seconds))
-        cpu1, loop1 = _cpu_seconds(pid), _cpu_seconds(pid, pid)
+        cpu1, loops1 = _server_cpu(pids, front_ends)
+        host_loop1 = _cpu_seconds(host, host)
         images1, batches1 = _batch_counters(server)
-    images = images1 - images0
+        sources1 = _front_ends_per_batch(server)
+    images, batches = images1 - images0, max(batches1 - batches0, 1)
     return {
+        "workers": workers,
         "intra_op_threads": (str(threads) if threads else "one per core") + ("" if spinning else ", no spinning"),
         "images": int(images),
         "errors": result["errors"],
         "images_per_s": round(len(result["latencies"]) / result["elapsed"], 1),
-        "avg_batch_size": round(images / max(batches1 - batches0, 1), 2),
+        "avg_batch_size": round(images / batches, 2),
+        "front_ends_per_batch": round((sources1 - sources0) / batches, 2),
         "server_cpu_ms_per_image": (cpu1 - cpu0) / images * 1000,
-        "event_loop_cpu_ms_per_image": (loop1 - loop0) / images * 1000,
+        # every front end's event loop, over all images: each front end's own is this / workers
+        "event_loop_cpu_ms_per_image": (loops1 - loops0) / images * 1000,
+        "host_event_loop_cpu_ms_per_image": (host_loop1 - host_loop0) / images * 1000 if workers > 1 else None,
+        "server_rss_mb": round(rss_mb),
     }
+
+
+def _is_front_end(pid: int) -> bool:
+    """A spawned Python worker (not multiprocessing's resource tracker)."""
+    with contextlib.suppress(OSError):
+        return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
+    return False
+
+
+def _front_ends_per_batch(server: Any) -> float:
+    found = re.search(r"^focal_batch_front_ends_sum\{[^}]*\} (\S+)", httpx.get(f"{server.url}/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
@@ -125,13 +192,14 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
         return spec.to_canvas(decode(body, 10**8, draft_short_side=spec.draft_short_side)).pixels
 
     sample = preprocess()
-    configs = {"1": (1, True), "default": (0, True), "default, no spinning": (0, False)}
+    # (workers, onnxruntime threads, spinning): one intra-op thread, so that model CPU time is work
+    configs = {"1 worker": (1, 1, True), "2 workers": (2, 1, True), "2 workers, default pool": (2, 0, False)}
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in configs}
     decode_ms: list[float] = []
     for _ in range(rounds):  # interleaved, medians: the machine is shared
         decode_ms.append(_tight_loop_ms(preprocess))
-        for key, (threads, spinning) in configs.items():
-            runs[key].append(_serve(folder, body, concurrency, seconds, threads, spinning))
+        for key, (workers, threads, spinning) in configs.items():
+            runs[key].append(_serve(folder, body, concurrency, seconds, workers, threads, spinning))
         print(f"round: decode {decode_ms[-1]:.2f} ms, {[r[-1] for r in runs.values()]}", flush=True)
 
     rows = []
@@ -139,18 +207,22 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
         avg_batch = statistics.median(r["avg_batch_size"] for r in samples)
         model_ms = _model_ms_per_image(folder, manifest, sample, max(1, round(avg_batch)))
         total = statistics.median(r["server_cpu_ms_per_image"] for r in samples)
+        host_loop = [r["host_event_loop_cpu_ms_per_image"] for r in samples if r["host_event_loop_cpu_ms_per_image"]]
         rows.append(
             {
-                "workers": 1,
+                "workers": samples[0]["workers"],
                 "intra_op_threads": samples[0]["intra_op_threads"],
                 "images_per_s": statistics.median(r["images_per_s"] for r in samples),
                 "avg_batch_size": avg_batch,
+                "front_ends_per_batch": statistics.median(r["front_ends_per_batch"] for r in samples),
                 "server_cpu_ms_per_image": round(total, 2),
                 "model_cpu_ms_per_image": round(model_ms, 2),
                 "besides_model_cpu_ms_per_image": round(total - model_ms, 2),
                 "event_loop_cpu_ms_per_image": round(
                     statistics.median(r["event_loop_cpu_ms_per_image"] for r in samples), 2
                 ),
+                "host_event_loop_cpu_ms_per_image": round(statistics.median(host_loop), 2) if host_loop else None,
+                "server_rss_mb": statistics.median(r["server_rss_mb"] for r in samples),
                 "errors": sum(r["errors"] for r in samples),
                 "samples": samples,
             }
@@ -181,24 +253,31 @@ def write_reports(result: dict[str, Any], folder: Path = RESULTS) -> list[Path]:
         f"Decode + preprocess of the image in a tight loop, one thread: **{result['decode_preprocess_cpu_ms']} "
         "CPU-ms per image** (the floor).",
         "",
-        "| workers | onnxruntime threads | images/s | avg batch | server CPU-ms/image | model | besides the model "
-        "| on the event loop |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| workers | onnxruntime threads | images/s | avg batch | front ends per batch | server CPU-ms/image "
+        "| model | besides the model | front ends' event loops | model host's event loop | server RSS (MB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
+        host_loop = "-" if r["host_event_loop_cpu_ms_per_image"] is None else r["host_event_loop_cpu_ms_per_image"]
         lines.append(
             f"| {r['workers']} | {r['intra_op_threads']} | {r['images_per_s']} | {r['avg_batch_size']} | "
-            f"{r['server_cpu_ms_per_image']} | {r['model_cpu_ms_per_image']} | "
-            f"**{r['besides_model_cpu_ms_per_image']}** | **{r['event_loop_cpu_ms_per_image']}** |"
+            f"{r['front_ends_per_batch']} | {r['server_cpu_ms_per_image']} | {r['model_cpu_ms_per_image']} | "
+            f"**{r['besides_model_cpu_ms_per_image']}** | **{r['event_loop_cpu_ms_per_image']}** | {host_loop} | "
+            f"{r['server_rss_mb']} |"
         )
     lines += [
         "",
-        "- *server CPU-ms/image*: the server process's CPU time (every thread, onnxruntime's included) over "
-        "the images it ran; *model*: the same model alone at the server's average batch, one thread; "
-        "*on the event loop*: the main thread's share, which one process cannot spread over cores. With "
-        "onnxruntime's default pool, its threads' spinning is in *besides the model*: that is real CPU the host "
-        "path could have used.",
-        "- Multi-process front end (`FOCAL_WORKERS`): not built yet, so only one worker is measured.",
+        "- *server CPU-ms/image*: the CPU time of every server process (supervisor, model host, front ends; "
+        "every thread, onnxruntime's included) over the images run; *model*: the same model alone at the "
+        "server's average batch, one thread; *besides the model*: the difference.",
+        "- *front ends' event loops*: the main threads of the front-end processes, summed, per image: the "
+        "serialised part. With N front ends each carries 1/N of it, so one process caps at 1000 / (this / N) "
+        "images/s. *model host's event loop*: its main thread (receiving samples, answering rows), per image; "
+        "the batches themselves run on another thread.",
+        "- *front ends per batch*: the mean number of front-end processes whose images one batch held (1.0 "
+        "with one worker).",
+        "- With onnxruntime's default pool, its threads' spinning would count in *besides the model*; the "
+        "'default pool' row turns spinning off (FOCAL_INTRA_OP_SPINNING=false).",
     ]
     paths[1].write_text("\n".join(lines) + "\n")
     return paths

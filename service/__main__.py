@@ -1,5 +1,7 @@
-"""`python -m service --model [NAME=]DIR [--model [NAME=]DIR2] [--host H] [--port P]`; every setting also
-as FOCAL_* (the Open Inference Protocol's gRPC port: FOCAL_GRPC_PORT, default 8001)."""
+"""`python -m service --model [NAME=]DIR [--model [NAME=]DIR2] [--host H] [--port P] [--workers N]`; every
+setting also as FOCAL_* (the Open Inference Protocol's gRPC port: FOCAL_GRPC_PORT, default 8001).
+
+One process when FOCAL_WORKERS is 1; otherwise N front-end processes and a model host (`service.workers`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -18,20 +19,9 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.models import ModelLoadError
 from service.settings import Settings
+from service.workers import serve_with_workers
 
 log = logging.getLogger("focal.service")
-
-
-class _Server(uvicorn.Server):
-    """On SIGTERM/SIGINT: readiness turns false at once, then uvicorn's graceful shutdown runs."""
-
-    def __init__(self, config: uvicorn.Config, on_exit: Any) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self._on_exit()
-        super().handle_exit(sig, frame)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,19 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    parser.add_argument("--workers", type=int, help="HTTP front-end processes (default: one per core, at most 16)")
     args = parser.parse_args(argv)
-    overrides = {
-        k: v
-        for k, v in {"models": args.model, "host": args.host, "port": args.port, "backend": args.backend}.items()
-        if v is not None
-    }
+    overrides = {{"model": "models"}.get(k, k): v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    workers = settings.worker_count()
     try:
+        if workers > 1:
+            return serve_with_workers(settings, workers)
         app = create_app(settings)
     except ModelLoadError as exc:
         print(f"cannot serve: {exc}", file=sys.stderr)
@@ -78,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown exits 0 (what process supervisors expect).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    _Server(config, app.state.service.begin_draining).run()
+    uvicorn.Server(config).run()
     return 0
 
 

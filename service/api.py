@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 
 from service import errors, inference
@@ -23,7 +23,7 @@ from service.schemas import ErrorResponse, Health, ModelsResponse
 from service.state import ServiceState
 
 if TYPE_CHECKING:
-    from service.models import ServedModel
+    from service.models import Model
     from service.tasks import Placed
 
 router = APIRouter()
@@ -75,9 +75,7 @@ async def _state(request: Request) -> ServiceState:  # async: FastAPI would run 
 State = Annotated[ServiceState, Depends(_state)]
 
 
-async def run_images(
-    request: Request, state: ServiceState, model: ServedModel
-) -> tuple[list[Placed], list[np.ndarray]]:
+async def run_images(request: Request, state: ServiceState, model: Model) -> tuple[list[Placed], list[np.ndarray]]:
     """The request's images, each through the task's transform and the model: (placed, output) pairs in order."""
     inference.admit(state, model)
     blobs = await _read_images(request, state)
@@ -175,4 +173,4 @@ async def models(state: State) -> dict[str, Any]:
     responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
 )
 async def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,19 +33,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import errors
 from service.api import error_responses
 from service.api import router as common_routes
-from service.health import ModelHealth
 from service.logs import request_id_var
 from service.metrics import Metrics
-from service.models import (
-    BackendLoader,
-    ModelFolder,
-    ModelLoadError,
-    ServedModel,
-    check_model_folder,
-    health_policy,
-    split_model_spec,
-)
-from service.repository import announce
+from service.models import BackendLoader, check_model_folders
+from service.remote import HostLink, follow_model_host, host_gone
+from service.repository import close_models, load_planned_models
 from service.settings import Settings
 from service.state import ServiceState
 from service.tasks import TASKS
@@ -53,39 +47,30 @@ from service.v2.rest import router as v2_routes
 log = logging.getLogger("focal.service")
 
 
-def check_model_folders(specs: list[Path]) -> list[ModelFolder]:
-    """Fail fast on folders that cannot be served (before anything is loaded). Each spec is `DIR` or
-    `NAME=DIR`; names must differ."""
-    if not specs:
-        raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
-    checked: list[ModelFolder] = []
-    for spec in specs:
-        name, folder = split_model_spec(spec)
-        model = check_model_folder(folder, name)
-        same = [c.folder for c in checked if c.name == model.name]
-        if same:
-            raise ModelLoadError(
-                f"{folder} and {same[0]} would both be served as {model.name!r}; name one with --model NAME=DIR"
-            )
-        checked.append(model)
-    return checked
-
-
-def create_app(settings: Settings, backends: BackendLoader | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, backends: BackendLoader | None = None, model_host_socket: str | None = None
+) -> FastAPI:
     """The app for these settings. `backends` builds each model's backend (default: what the settings
-    and the machine call for); tests pass fakes here."""
+    and the machine call for); tests pass fakes here. `model_host_socket`: this app is one of several
+    front-end processes (`FOCAL_WORKERS` > 1) and its models run in the model host behind this socket."""
     state = ServiceState(
         settings=settings,
         metrics=Metrics(),
         preprocess_pool=ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess"),
         planned=check_model_folders(settings.models),
         backends=backends,
+        model_host_socket=model_host_socket,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _drain_on_signal(state)
         grpc_server = await start_grpc(state) if settings.grpc_port else None  # a taken port fails at once
-        loader = asyncio.create_task(_load_models(state), name="load-models")
+        link = HostLink(model_host_socket, functools.partial(host_gone, state)) if model_host_socket else None
+        if link is None:
+            loader = asyncio.create_task(load_planned_models(state), name="load-models")
+        else:
+            loader = asyncio.create_task(follow_model_host(state, link), name="follow-model-host")
         try:
             yield
         finally:
@@ -95,13 +80,9 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
                 await loader
             if grpc_server is not None:  # its running calls finish (they hold leases on the models)
                 await grpc_server.stop(state.drain_remaining())
-            if state.repository_tasks:  # loads, and replaced or unloaded models finishing their last requests
-                await asyncio.wait(state.repository_tasks, timeout=state.drain_remaining())
-            remaining = state.drain_remaining()  # the models drain side by side, within one budget
-            closed = await asyncio.gather(*(m.close(remaining) for m in state.models.values()), return_exceptions=True)
-            for model, outcome in zip(state.models.values(), closed, strict=True):
-                if isinstance(outcome, BaseException):
-                    log.error("closing %s failed: %s", model.name, outcome)
+            await close_models(state)
+            if link is not None:
+                await link.close()
             state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
 
@@ -123,26 +104,21 @@ def create_app(settings: Settings, backends: BackendLoader | None = None) -> Fas
     return app
 
 
-async def _load_models(state: ServiceState) -> None:
-    """Load and warm up every model in turn; a failure leaves the server failed (not ready, not live)."""
-    loop = asyncio.get_running_loop()
-    for planned in state.planned:
-        health = ModelHealth(health_policy(state.settings))
-        try:
-            model = await loop.run_in_executor(
-                None, ServedModel.load, planned, state.settings, state.metrics, health, state.backends
-            )
-            state.models[model.name] = model
-            await model.warm_up()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            health.failed(f"{type(exc).__name__}: {exc}")
-            state.failed = f"{planned.name}: {type(exc).__name__}: {exc}"
-            log.error("loading %s from %s failed: %s", planned.name, planned.folder, state.failed)
-            return
-        announce(state, model)
-    state.loading = False
+def _drain_on_signal(state: ServiceState) -> None:
+    """Readiness turns false the moment SIGTERM or SIGINT arrives, before uvicorn's graceful shutdown
+    (which closes the listener, then waits for the requests in flight) reaches the lifespan. Wraps the
+    handler uvicorn installed while it serves; only where uvicorn runs the app (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if callable(previous) and previous not in (signal.default_int_handler,):
+
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                state.begin_draining()
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
 
 
 class RequestContextMiddleware:

@@ -48,8 +48,11 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
 
-    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
-        """A batch ran; `error` says why it failed (None: it succeeded)."""
+    def batch_done(
+        self, size: int, queue_waits: list[float], seconds: float, error: str | None, sources: int = 1
+    ) -> None:
+        """A batch ran; `error` says why it failed (None: it succeeded); `sources`: how many
+        submitters' samples it held (front-end processes, when `FOCAL_WORKERS` > 1)."""
 
     def dropped(self, reason: str) -> None: ...
 
@@ -58,7 +61,9 @@ class _NullObserver:
     def queue_depth(self, depth: int) -> None:
         pass
 
-    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
+    def batch_done(
+        self, size: int, queue_waits: list[float], seconds: float, error: str | None, sources: int = 1
+    ) -> None:
         pass
 
     def dropped(self, reason: str) -> None:
@@ -70,6 +75,7 @@ class _Item:
     sample: np.ndarray
     future: asyncio.Future[np.ndarray]
     deadline: float
+    source: str = ""
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -146,13 +152,13 @@ class DynamicBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ----------------------------------------------------------------------------
-    async def submit(self, sample: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Queue one sample and wait for its output row."""
+    async def submit(self, sample: np.ndarray, timeout_s: float, source: str = "") -> np.ndarray:
+        """Queue one sample and wait for its output row. `source`: who sent it (counted per batch)."""
         if not self._accepting:
             raise Draining(self.closed_reason)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(sample, future, time.monotonic() + timeout_s))
+            self._queue.put_nowait(_Item(sample, future, time.monotonic() + timeout_s, source))
         except asyncio.QueueFull:
             raise QueueFull(f"the queue of {self.name} is full ({self._queue.maxsize} waiting)") from None
         self.observer.queue_depth(self._queue.qsize())
@@ -237,4 +243,5 @@ class DynamicBatcher:
             finally:
                 self.in_flight, self.batch_started = 0, None
                 if not cancelled:  # a batch cut short by shutdown says nothing about the backend
-                    self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure)
+                    sources = len({item.source for item in batch})
+                    self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure, sources)

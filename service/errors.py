@@ -49,6 +49,10 @@ class InvalidParameter(ServiceError):
     status, code = 422, "invalid_parameter"
 
 
+class NotImplementedHere(ServiceError):
+    status, code = 501, "not_implemented"
+
+
 class Overloaded(ServiceError):
     status, code = 429, "overloaded"
 

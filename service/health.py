@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class Phase(str, Enum):
@@ -73,6 +74,25 @@ class ModelHealth:
             self.phase, self.failing_since = Phase.FAILING, self.clock()
             return True
         return False
+
+    # -- another process's view -------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The state, as JSON, for a front-end process (`follow`)."""
+        return {
+            "phase": self.phase.value,
+            "consecutive_failures": self.consecutive_failures,
+            "failing_for": self.failing_for() if self.failing_since is not None else None,
+            "last_error": self.last_error,
+        }
+
+    def follow(self, snapshot: dict[str, Any]) -> None:
+        """Take the state of the health in the model host process (`snapshot`), so that the probes
+        answer here as they do there."""
+        self.phase = Phase(snapshot["phase"])
+        self.consecutive_failures = int(snapshot["consecutive_failures"])
+        failing_for = snapshot["failing_for"]
+        self.failing_since = None if failing_for is None else self.clock() - float(failing_for)
+        self.last_error = snapshot["last_error"]
 
     # -- probes ----------------------------------------------------------------------------
     @property

@@ -21,14 +21,14 @@ from service.images import ImageError, ImageTooLarge, decode_with_size
 from service.state import ServiceState
 
 if TYPE_CHECKING:
-    from service.models import ServedModel
+    from service.models import Model
     from service.tasks import Placed
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def admit(state: ServiceState, model: ServedModel) -> None:
+def admit(state: ServiceState, model: Model) -> None:
     """Refuse before reading or decoding anything when the model's queue is already full."""
     if model.batcher.queue_depth >= state.settings.max_queue_size:
         raise errors.Overloaded(
@@ -50,7 +50,7 @@ async def off_loop(state: ServiceState, work: Callable[[T], R], items: Sequence[
     return list(await asyncio.gather(*(loop.run_in_executor(state.preprocess_pool, work, item) for item in items)))
 
 
-async def prepare(state: ServiceState, model: ServedModel, blobs: Sequence[bytes]) -> list[Placed]:
+async def prepare(state: ServiceState, model: Model, blobs: Sequence[bytes]) -> list[Placed]:
     """Decode + the task's transform for every image in the thread pool; one bad image fails the request."""
     transform, max_pixels = model.transform, state.settings.max_pixels
 
@@ -81,7 +81,7 @@ class ClientGone(Exception):
 
 async def infer(
     state: ServiceState,
-    model: ServedModel,
+    model: Model,
     samples: Sequence[np.ndarray],
     timeout_s: float | None = None,
     gone: Callable[[], Awaitable[None]] | None = None,

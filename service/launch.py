@@ -36,9 +36,11 @@ class Server:
 @contextmanager
 def running_server(model: Path | str, startup_timeout_s: float = 90.0, **settings: str) -> Iterator[Server]:
     """`model`: FOCAL_MODELS (a folder, or several and NAME=DIR, comma-separated); `settings`: more FOCAL_*
-    settings. The server's output goes to a file (a pipe nobody reads would fill up and block it)."""
+    settings (FOCAL_WORKERS defaults to 1 here: one process, unless `workers` says otherwise). The
+    server's output goes to a file (a pipe nobody reads would fill up and block it)."""
     port = free_port()
     env = {**os.environ, "FOCAL_MODELS": str(model), "FOCAL_HOST": "127.0.0.1", "FOCAL_PORT": str(port)}
+    env.setdefault("FOCAL_WORKERS", "1")
     env |= {f"FOCAL_{k.upper()}": v for k, v in settings.items()}
     with tempfile.TemporaryDirectory(prefix="focal-server-") as tmp:
         log_path = Path(tmp) / "server.log"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,6 +89,24 @@ def check_model_folder(folder: Path, name: str | None = None) -> ModelFolder:
     return ModelFolder(folder, manifest, labels, name or default_model_name(manifest))
 
 
+def check_model_folders(specs: list[Path]) -> list[ModelFolder]:
+    """Fail fast on folders that cannot be served (before anything is loaded). Each spec is `DIR` or
+    `NAME=DIR`; names must differ."""
+    if not specs:
+        raise ModelLoadError("no model given: pass --model DIR (or FOCAL_MODELS=DIR), a python -m export output folder")
+    checked: list[ModelFolder] = []
+    for spec in specs:
+        name, folder = split_model_spec(spec)
+        model = check_model_folder(folder, name)
+        same = [c.folder for c in checked if c.name == model.name]
+        if same:
+            raise ModelLoadError(
+                f"{folder} and {same[0]} would both be served as {model.name!r}; name one with --model NAME=DIR"
+            )
+        checked.append(model)
+    return checked
+
+
 BackendLoader = Callable[[ModelFolder, Settings], Backend]
 
 
@@ -108,35 +126,89 @@ class _BatchEvents:
     def queue_depth(self, depth: int) -> None:
         self.metrics.queue_depth(depth)
 
-    def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
-        self.metrics.batch_done(size, queue_waits, seconds, error)
+    def batch_done(
+        self, size: int, queue_waits: list[float], seconds: float, error: str | None, sources: int = 1
+    ) -> None:
+        self.metrics.batch_done(size, queue_waits, seconds, error, sources)
         self.model.batch_done(error)
 
     def dropped(self, reason: str) -> None:
         self.metrics.dropped(reason)
 
 
-class ServedModel:
-    def __init__(
-        self, checked: ModelFolder, backend: Backend, settings: Settings, metrics: Metrics, health: ModelHealth
-    ) -> None:
+class Batcher(Protocol):
+    """What a request uses of a model's batcher: `DynamicBatcher` in this process, or
+    `service.remote.RemoteBatcher`, which reaches the one in the model host process."""
+
+    max_batch_size: int
+    max_queue_delay_s: float
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def busy_for(self) -> float: ...
+
+    async def submit(self, sample: np.ndarray, timeout_s: float) -> np.ndarray: ...
+
+
+class Model:
+    """What requests use of a served model, wherever it runs: its manifest, labels, task and transform,
+    its health and its batcher. `ServedModel` runs here; `service.remote.RemoteModel` in the model host."""
+
+    def __init__(self, checked: ModelFolder, health: ModelHealth, batcher: Batcher) -> None:
         self.name, self.version, self.folder = checked.name, checked.version, checked.folder
         self.manifest, self.labels = checked.manifest, checked.labels
         self.task: ServiceTask = TASKS[checked.manifest.task]
         self.transform: Transform = self.task.transform(checked.manifest)
-        self.backend, self.settings, self.metrics, self.health = backend, settings, metrics, health
-        self.batcher = DynamicBatcher(
+        self.health, self.batcher = health, batcher
+        self.warmup_seconds: float | None = None
+        self.leases = 0  # requests using this model now (a replaced model closes when the last one ends)
+
+    @property
+    def random_init(self) -> bool:
+        return self.manifest.random_init
+
+    def info(self) -> dict[str, Any]:
+        """What /v1/models and every response say about the model."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Model]:
+        """Held by a request from the moment it picks this model until it is answered, so a model
+        replaced or unloaded meanwhile finishes that request before it closes (`retire`)."""
+        self.leases += 1
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+
+    async def close(self, drain_timeout_s: float) -> None:
+        raise NotImplementedError
+
+
+class ServedModel(Model):
+    """A model whose backend and batcher run in this process."""
+
+    batcher: DynamicBatcher
+
+    def __init__(
+        self, checked: ModelFolder, backend: Backend, settings: Settings, metrics: Metrics, health: ModelHealth
+    ) -> None:
+        batcher = DynamicBatcher(
             backend.infer,
             max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
             max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
             max_queue_size=settings.max_queue_size,
-            observer=_BatchEvents(metrics.observer(self.name), self),
-            name=self.name,
+            observer=_BatchEvents(metrics.observer(checked.name), self),
+            name=checked.name,
         )
-        self.warmup_seconds: float | None = None
+        super().__init__(checked, health, batcher)
+        self.backend, self.settings, self.metrics = backend, settings, metrics
         self._probing: asyncio.Task[None] | None = None
         self._closing = False
-        self.leases = 0  # requests using this model now (a replaced model closes when the last one ends)
 
     @classmethod
     def load(
@@ -150,12 +222,7 @@ class ServedModel:
         """Build the backend (slow: run it off the event loop)."""
         return cls(checked, (backends or default_backend)(checked, settings), settings, metrics, health)
 
-    @property
-    def random_init(self) -> bool:
-        return self.manifest.random_init
-
     def info(self) -> dict[str, Any]:
-        """What /v1/models and every response say about the model."""
         m = self.manifest
         return {
             "name": self.name,
@@ -179,16 +246,6 @@ class ServedModel:
     def synthetic_batch(self, size: int) -> np.ndarray:
         """Zeros in the input's shape: the mean image after normalisation (warm-up and probes)."""
         return np.zeros((size, *self.manifest.input.sample_shape), dtype=np.float32)
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[ServedModel]:
-        """Held by a request from the moment it picks this model until it is answered, so a model
-        replaced or unloaded meanwhile finishes that request before it closes (`retire`)."""
-        self.leases += 1
-        try:
-            yield self
-        finally:
-            self.leases -= 1
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def warm_up(self) -> None:

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from service import errors
 from service.health import ModelHealth
-from service.models import ModelLoadError, ServedModel, check_model_folder, health_policy
+from service.models import Model, ModelLoadError, ServedModel, check_model_folder, health_policy
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -53,7 +53,7 @@ def check_admin(settings: Settings, authorization: str | None) -> None:
         )
 
 
-def _info_labels(model: ServedModel, info: dict[str, Any] | None = None) -> tuple[str, ...]:
+def _info_labels(model: Model, info: dict[str, Any] | None = None) -> tuple[str, ...]:
     info = info or model.info()
     return (
         model.name, model.version, info["variant"], info["task"], info["backend"], info["device"],
@@ -76,7 +76,7 @@ def announce(state: ServiceState, model: ServedModel) -> None:
         log.warning("%s has RANDOM-INIT weights: its predictions are meaningless", model.name)
 
 
-def _forget(state: ServiceState, model: ServedModel) -> None:
+def _forget(state: ServiceState, model: Model) -> None:
     """Drop a model's info metric (it no longer serves)."""
     with contextlib.suppress(KeyError):
         state.metrics.model_info.remove(*_info_labels(model))
@@ -97,12 +97,18 @@ def _background(state: ServiceState, work: Coroutine[Any, Any, T], name: str) ->
     return task
 
 
-def _retire(state: ServiceState, model: ServedModel) -> asyncio.Task[None]:
+def _retire(state: ServiceState, model: Model) -> asyncio.Task[None]:
     """Close a model that no longer receives requests, in the background."""
+    assert isinstance(model, ServedModel)  # the repository API is refused in front-end processes
     return _background(state, model.retire(state.settings.drain_timeout_s), f"retire-{model.name}-{model.version}")
 
 
 def _check_can_change(state: ServiceState) -> None:
+    if state.front_end:
+        raise errors.NotImplementedHere(
+            "the model repository API needs FOCAL_WORKERS=1: with several front-end processes the models "
+            "live in the model host, which does not take loads and unloads (restart the server to change them)"
+        )
     retry = {"Retry-After": str(state.settings.retry_after_s)}
     if state.draining:
         raise errors.Unavailable("the server is shutting down", headers=retry)
@@ -197,3 +203,37 @@ def index(state: ServiceState, ready_only: bool = False) -> list[dict[str, Any]]
         if not ready_only or entry["state"] == "READY":
             entries.append(entry)
     return entries
+
+
+async def load_planned_models(state: ServiceState) -> None:
+    """Load and warm up every model in turn; a failure leaves the server failed (not ready, not live)."""
+    loop = asyncio.get_running_loop()
+    for planned in state.planned:
+        health = ModelHealth(health_policy(state.settings))
+        try:
+            model = await loop.run_in_executor(
+                None, ServedModel.load, planned, state.settings, state.metrics, health, state.backends
+            )
+            state.models[model.name] = model
+            await model.warm_up()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            health.failed(f"{type(exc).__name__}: {exc}")
+            state.failed = f"{planned.name}: {type(exc).__name__}: {exc}"
+            log.error("loading %s from %s failed: %s", planned.name, planned.folder, state.failed)
+            return
+        announce(state, model)
+    state.loading = False
+
+
+async def close_models(state: ServiceState) -> None:
+    """At shutdown: wait for repository work still running, then drain and close every model side by
+    side, all within what is left of the drain budget."""
+    if state.repository_tasks:  # loads, and replaced or unloaded models finishing their last requests
+        await asyncio.wait(state.repository_tasks, timeout=state.drain_remaining())
+    remaining = state.drain_remaining()
+    closed = await asyncio.gather(*(m.close(remaining) for m in state.models.values()), return_exceptions=True)
+    for model, outcome in zip(state.models.values(), closed, strict=True):
+        if isinstance(outcome, BaseException):
+            log.error("closing %s failed: %s", model.name, outcome)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,6 +11,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendChoice = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+MAX_WORKERS = 64
+DEFAULT_WORKERS_CAP = 16  # each front end holds ~100 MB and decodes ~100 images/s per core
 GPU_QUEUE_DELAY_MS = 5.0  # the default wait on GPUs, where a bigger batch costs little more than a small one
 
 
@@ -31,6 +35,14 @@ class Settings(BaseSettings):
         None,
         min_length=16,
         description="bearer token of the model repository API (load/unload models); unset: that API is off",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="HTTP front-end processes on the port; with more than one, a model host process runs the "
+        f"models and all front ends feed its one batcher per model (default: one per usable core, at most "
+        f"{DEFAULT_WORKERS_CAP}; 1: one process, as before)",
     )
     backend: BackendChoice = Field("auto", description="auto: TensorRT engine if usable, else onnxruntime")
     max_batch_size: int | None = Field(None, ge=1, description="default: the export's max batch")
@@ -76,6 +88,10 @@ class Settings(BaseSettings):
             return self.max_queue_delay_ms
         return 0.0 if device == "cpu" else GPU_QUEUE_DELAY_MS
 
+    def worker_count(self) -> int:
+        """The number of front-end processes: the setting, else one per usable core (capped)."""
+        return self.workers or min(usable_cores(), DEFAULT_WORKERS_CAP)
+
     @field_validator("admin_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -95,3 +111,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+def usable_cores() -> int:
+    """The cores this process may run on, within its container's CPU quota (cgroup v2 cpu.max)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores

@@ -16,7 +16,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.models import BackendLoader, ModelFolder, ServedModel
+    from service.models import BackendLoader, Model, ModelFolder
 
 log = logging.getLogger("focal.service")
 
@@ -28,7 +28,10 @@ class ServiceState:
     preprocess_pool: ThreadPoolExecutor
     planned: list[ModelFolder]  # checked at start-up, in load order
     backends: BackendLoader | None = None  # builds a model's backend (None: what the settings and machine call for)
-    models: dict[str, ServedModel] = field(default_factory=dict)  # backend built (then warming up, ready, failing)
+    models: dict[str, Model] = field(default_factory=dict)  # backend built (then warming up, ready, failing)
+    # FOCAL_WORKERS > 1: this process is one of the HTTP front ends, and its models are views of the
+    # ones in the model host process, reached through this socket (`service.remote`)
+    model_host_socket: str | None = None
     repository: dict[str, ModelFolder] = field(default_factory=dict)  # every name this server knows, and its folder
     # loads, unloads and replaced models finishing their requests (they run to the end even if the
     # caller goes away; shutdown waits for them)
@@ -67,7 +70,11 @@ class ServiceState:
                 "the server is shutting down", headers={"Retry-After": str(self.settings.retry_after_s)}
             )
 
-    def model_for_task(self, task: str) -> ServedModel:
+    @property
+    def front_end(self) -> bool:
+        return self.model_host_socket is not None
+
+    def model_for_task(self, task: str) -> Model:
         """The first model (in start-up order, then load order) of `task` that may take requests;
         503 while the server drains or while such a model loads; 404 when there is none."""
         self._check_draining()
@@ -79,7 +86,7 @@ class ServiceState:
             raise self._unavailable(f"the {task} model")
         raise errors.NotFound(f"no {task} model is loaded on this server")
 
-    def model_named(self, name: str, version: str | None = None) -> ServedModel:
+    def model_named(self, name: str, version: str | None = None) -> Model:
         """The model served as `name` (and `version`, when given); 404 when it is not loaded, 503 while it
         loads or the server drains."""
         self._check_draining()

@@ -13,7 +13,7 @@ from PIL import Image
 from manifest import Manifest
 
 if TYPE_CHECKING:
-    from service.models import ServedModel
+    from service.models import Model
 
 
 class Placed(Protocol):
@@ -54,13 +54,11 @@ class ProtocolOutputs(Protocol):
         """What the model metadata lists, in order."""
         ...
 
-    def parameters(self, model: ServedModel, parameters: Mapping[str, Any]) -> Any:
+    def parameters(self, model: Model, parameters: Mapping[str, Any]) -> Any:
         """The request's task parameters, checked before anything runs (`errors.InvalidParameter`)."""
         ...
 
-    def finish(
-        self, model: ServedModel, row: np.ndarray, placed: Placed | None, parameters: Any
-    ) -> dict[str, np.ndarray]:
+    def finish(self, model: Model, row: np.ndarray, placed: Placed | None, parameters: Any) -> dict[str, np.ndarray]:
         """One image's model output -> its value of every output (without the batch axis). `placed` is
         None when the request sent the model input itself (no image to map results back to)."""
         ...

@@ -25,7 +25,7 @@ from service.schemas import ModelInfo
 from service.tasks.base import Placed, ServiceTask, TensorMeta
 
 if TYPE_CHECKING:
-    from service.models import ServedModel
+    from service.models import Model
 
 
 @dataclass(frozen=True)
@@ -134,12 +134,10 @@ class ClassifyOutputs:
             TensorMeta("probabilities", "FP32", [-1, manifest.num_classes]),
         ]
 
-    def parameters(self, model: ServedModel, parameters: Mapping[str, Any]) -> None:
+    def parameters(self, model: Model, parameters: Mapping[str, Any]) -> None:
         return None
 
-    def finish(
-        self, model: ServedModel, row: np.ndarray, placed: Placed | None, parameters: Any
-    ) -> dict[str, np.ndarray]:
+    def finish(self, model: Model, row: np.ndarray, placed: Placed | None, parameters: Any) -> dict[str, np.ndarray]:
         logits = np.asarray(row, dtype=np.float32)
         return {"logits": logits, "probabilities": softmax(logits.astype(np.float64)).astype(np.float32)}
 

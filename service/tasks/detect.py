@@ -36,7 +36,7 @@ from service.schemas import ModelInfo
 from service.tasks.base import Placed, ServiceTask, TensorMeta
 
 if TYPE_CHECKING:
-    from service.models import ServedModel
+    from service.models import Model
 
 Box = tuple[float, float, float, float, float, int]  # x1, y1, x2, y2, score, class_id
 DEFAULT_SCORE_THRESHOLD = 0.3  # what a request that names none keeps (the export's own floor is lower)
@@ -284,7 +284,7 @@ class DetectOutputs:
         rows = manifest.detection.postprocess.max_detections
         return [TensorMeta("detections", "FP32", [-1, rows, 6]), TensorMeta("num_detections", "INT32", [-1])]
 
-    def parameters(self, model: ServedModel, parameters: Mapping[str, Any]) -> _Limits:
+    def parameters(self, model: Model, parameters: Mapping[str, Any]) -> _Limits:
         assert model.manifest.task == "detect"
         most = model.manifest.detection.postprocess.max_detections
         threshold = parameters.get("score_threshold", DEFAULT_SCORE_THRESHOLD)
@@ -295,9 +295,7 @@ class DetectOutputs:
             raise errors.InvalidParameter(f"max_detections: must be an integer from 1 to {most}")
         return _Limits(float(threshold), limit)
 
-    def finish(
-        self, model: ServedModel, row: np.ndarray, placed: Placed | None, parameters: Any
-    ) -> dict[str, np.ndarray]:
+    def finish(self, model: Model, row: np.ndarray, placed: Placed | None, parameters: Any) -> dict[str, np.ndarray]:
         assert model.manifest.task == "detect"
         assert isinstance(parameters, _Limits)
         settings = model.manifest.detection.postprocess

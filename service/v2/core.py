@@ -27,7 +27,7 @@ from service.tasks import Placed, TensorMeta
 from service.v2.tensors import BYTES
 
 if TYPE_CHECKING:
-    from service.models import ServedModel
+    from service.models import Model
 
 SERVER_NAME = "focal-serve"
 SERVER_VERSION = "0.1.0"
@@ -74,7 +74,7 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
-def model_inputs(model: ServedModel) -> list[TensorMeta]:
+def model_inputs(model: Model) -> list[TensorMeta]:
     spec = model.manifest.input
     return [
         TensorMeta(spec.name, "FP32", [-1, *spec.sample_shape]),
@@ -82,14 +82,14 @@ def model_inputs(model: ServedModel) -> list[TensorMeta]:
     ]
 
 
-def model_metadata(model: ServedModel) -> dict[str, Any]:
+def model_metadata(model: Model) -> dict[str, Any]:
     def listed(tensors: list[TensorMeta]) -> list[dict[str, Any]]:
         return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors]
 
     return {
         "name": model.name,
         "versions": [model.version],
-        "platform": PLATFORMS.get(model.backend.name, model.backend.name),
+        "platform": PLATFORMS.get(model.info()["backend"], model.info()["backend"]),
         "inputs": listed(model_inputs(model)),
         "outputs": listed(model.task.protocol.outputs(model.manifest)),
     }
@@ -97,7 +97,7 @@ def model_metadata(model: ServedModel) -> dict[str, Any]:
 
 async def infer(
     state: ServiceState,
-    model: ServedModel,
+    model: Model,
     request: InferRequest,
     timeout_s: float | None = None,
     gone: Callable[[], Awaitable[None]] | None = None,
@@ -134,7 +134,7 @@ async def infer(
     return [(name, np.stack([image[name] for image in per_image])) for name in wanted]
 
 
-def _one_input(model: ServedModel, inputs: list[InputTensor]) -> InputTensor:
+def _one_input(model: Model, inputs: list[InputTensor]) -> InputTensor:
     accepted = {t.name: t for t in model_inputs(model)}
     names = " or ".join(repr(n) for n in accepted)
     if len(inputs) != 1:

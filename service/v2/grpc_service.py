@@ -49,6 +49,7 @@ STATUS = {
     422: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -256,7 +257,9 @@ async def start_grpc(state: ServiceState) -> grpc.aio.Server:
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024)),
-            ("grpc.so_reuseport", 0),  # a port in use fails here instead of being shared silently
+            # a port in use fails here instead of being shared silently; several front-end processes
+            # (FOCAL_WORKERS > 1) share it on purpose (service.workers checked it free first)
+            ("grpc.so_reuseport", 1 if state.front_end else 0),
         ]
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)

@@ -221,6 +221,7 @@ _ADMIN_ERRORS = error_responses(
         401: "missing or wrong bearer token",
         403: "the repository API is off (FOCAL_ADMIN_TOKEN unset)",
         404: "unknown model",
+        501: "several front-end processes (FOCAL_WORKERS > 1): the models cannot be changed while serving",
         503: "the server is shutting down",
     }
 )

@@ -167,18 +167,18 @@ async def test_request_ids_are_honoured_and_unknown_routes_answer_json(both: tup
 
 def test_every_route_declares_every_status_it_can_answer(tmp_path: Path) -> None:
     """The image routes (and v2 inference) can answer every error the service defines (`service.errors`)
-    but the model repository's (401, 403); every route can answer 500 should a bug surface. (499, for a
-    client that is gone, is logged and reaches nobody.)"""
+    but the model repository's (401, 403, and 501 with several front-end processes); every route can
+    answer 500 should a bug surface. (499, for a client that is gone, is logged and reaches nobody.)"""
     app, _ = classifier(tmp_path)
     defined = {
         cls.status for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.ServiceError)
     }
-    image_statuses = {200} | defined - {401, 403}
+    image_statuses = {200} | defined - {401, 403, 501}
     assert image_statuses == {200, 400, 404, 413, 415, 422, 429, 500, 503, 504}
     assert _declared(app, "POST", "/classify") == image_statuses
     assert _declared(app, "POST", "/detect") == image_statuses
     assert _declared(app, "POST", "/v2/models/{name}/infer") == image_statuses
-    assert _declared(app, "POST", "/v2/repository/models/{name}/load") == {200, 400, 401, 403, 404, 422, 500, 503}
+    assert _declared(app, "POST", "/v2/repository/models/{name}/load") == {200, 400, 401, 403, 404, 422, 500, 501, 503}
     assert _declared(app, "GET", "/healthz") == _declared(app, "GET", "/readyz") == {200, 500, 503}
     assert _declared(app, "GET", "/v1/models") == _declared(app, "GET", "/metrics") == {200, 500}
     schema = app.openapi()

@@ -182,12 +182,16 @@ def test_every_batch_reports_its_outcome_to_the_observer() -> None:
     class Outcomes:
         def __init__(self) -> None:
             self.errors: list[str | None] = []
+            self.sources: list[int] = []
 
         def queue_depth(self, depth: int) -> None:
             pass
 
-        def batch_done(self, size: int, queue_waits: list[float], seconds: float, error: str | None) -> None:
+        def batch_done(
+            self, size: int, queue_waits: list[float], seconds: float, error: str | None, sources: int = 1
+        ) -> None:
             self.errors.append(error)
+            self.sources.append(sources)
 
         def dropped(self, reason: str) -> None:
             pass
@@ -202,13 +206,15 @@ def test_every_batch_reports_its_outcome_to_the_observer() -> None:
             return batch
 
         outcomes = Outcomes()
-        batcher = DynamicBatcher(flaky, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8, observer=outcomes)
+        batcher = DynamicBatcher(flaky, max_batch_size=4, max_queue_delay_s=0.05, max_queue_size=8, observer=outcomes)
         batcher.start()
         for _ in range(2):
             with pytest.raises(BackendError):
                 await batcher.submit(np.zeros(3, np.float32), 5.0)
-        await batcher.submit(np.zeros(3, np.float32), 5.0)
+        # One batch of samples from two submitters (front-end processes, in the model host): two sources.
+        await asyncio.gather(*(batcher.submit(np.zeros(3, np.float32), 5.0, source) for source in "aab"))
         assert outcomes.errors == ["RuntimeError: CUDA error", "RuntimeError: CUDA error", None]
+        assert outcomes.sources == [1, 1, 2]
         assert not batcher.backend_running
         await batcher.stop()
 

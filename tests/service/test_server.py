@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
@@ -40,6 +41,41 @@ def test_classify_smoke(classify_export: ClassifyExport) -> None:
     assert [(m["task"], m["backend"], m["ready"]) for m in models] == [("classify", "onnxruntime", True)]
     assert "RANDOM-INIT" in logs
     assert '"request_id"' in logs  # JSON log lines carry the request id
+
+
+def test_two_front_ends_feed_one_model_host_and_report_one_set_of_metrics(classify_export: ClassifyExport) -> None:
+    """FOCAL_WORKERS=2: requests on separate connections, their images batched in the model host, and
+    /metrics, whichever process answers it, adding up every process's counters. (Which front end accepts
+    a connection is the kernel's choice, so batches mixing both are shown in test_workers.py.)"""
+    settings = {"workers": "2", "max_batch_size": "8", "max_queue_delay_ms": "300", "intra_op_threads": "1"}
+    with running_server(classify_export.folder, **settings) as server:
+
+        async def one() -> int:
+            async with httpx.AsyncClient(timeout=60) as client:  # a connection of its own
+                response = await client.post(
+                    f"{server.url}/classify", content=LARGE_JPEG, headers={"Content-Type": "image/jpeg"}
+                )
+                return response.status_code
+
+        async def burst() -> list[int]:
+            return list(await asyncio.gather(*(one() for _ in range(16))))
+
+        assert asyncio.run(burst()) == [200] * 16
+        metrics = httpx.get(f"{server.url}/metrics").text
+        models = httpx.get(f"{server.url}/v1/models").json()["models"]
+        assert "RANDOM-INIT" in server.logs()
+
+    def value(name: str, labels: str = 'model="focal_tiny"') -> float:
+        found = re.search(rf"^{name}\{{{labels}\}} (\S+)$", metrics, re.MULTILINE)
+        assert found, name
+        return float(found.group(1))
+
+    assert value("focal_requests_total", 'code="200",endpoint="/classify",protocol="http"') == 16
+    assert value("focal_batch_images_total") == 16
+    batches = value("focal_batch_front_ends_count")
+    assert batches < 16  # batches formed
+    assert value("focal_batch_front_ends_sum") >= batches
+    assert models[0]["random_init"] is True
 
 
 def test_detect_smoke(detect_export: DetectExport) -> None:
@@ -157,11 +193,14 @@ def test_open_inference_protocol_clients_match_the_own_api(
         grpc.close()
 
 
-def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: ClassifyExport) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: ClassifyExport, workers: str) -> None:
     """HTTP and gRPC (Open Inference Protocol) requests queued or running at SIGTERM all succeed; new
-    ones are refused; the process exits 0."""
+    ones are refused; the process exits 0. With two front-end processes and the model host, each of
+    them exits 0 too (the supervisor logs every exit code and exits 0 only if all were 0)."""
     grpc_port = free_port()
     settings = {"max_batch_size": "2", "max_queue_delay_ms": "0", "intra_op_threads": "1", "preprocess_threads": "1"}
+    settings["workers"] = workers
     with running_server(classify_export.folder, grpc_port=str(grpc_port), **settings) as server:
 
         async def scenario() -> tuple[list[Any], list[Any], int, str]:
@@ -212,3 +251,6 @@ def test_sigterm_finishes_queued_work_refuses_new_and_exits_0(classify_export: C
         assert late_outcome in ("refused", "503")
         assert server.process.wait(timeout=60) == 0
         assert "shutdown requested" in server.logs()
+        if workers == "2":
+            exits = re.findall(r"(front end|model host) \d+ exited with (-?\d+|None)", server.logs())
+            assert sorted(exits) == [("front end", "0"), ("front end", "0"), ("model host", "0")], server.logs()
