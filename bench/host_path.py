@@ -9,14 +9,16 @@ what shows), a 1280x960 JPEG posted to /classify:
    can avoid (Pillow draft decode, resize, crop, normalise);
 2. the model alone (onnxruntime, one thread) at the batch size the server formed;
 3. the server under saturating load (`python -m service`, FOCAL_INTRA_OP_THREADS=1 so
-   that model CPU time is work), with one process (FOCAL_WORKERS=1), with two front ends
-   and the model host (FOCAL_WORKERS=2), and with two front ends and onnxruntime's
-   default pool without spinning: the CPU time of every server process, all threads
-   counted, minus the model's; the part spent on the front ends' main threads, where
-   their event loops run (request parsing, response building: the part one process
-   serialises); and the model host's main thread;
+   that model CPU time is work), with one process (FOCAL_WORKERS=1) and with two front
+   ends and the model host (FOCAL_WORKERS=2), each at the GPU's default queue delay
+   (5 ms) and the CPU's (0): the CPU time of every server process, all threads counted,
+   minus the model's; the part spent on the front ends' main threads, where their event
+   loops run (request parsing, response building: the part one process serialises);
+   and the model host's main thread;
 4. served images/s, the average batch size at the engine and the front ends per batch
-   (from /metrics), and the server's memory.
+   (from /metrics), and the server's memory;
+5. the crossing alone: CPU per sample of a front end's messages to an echo host, for a
+   float32 and a uint8 224x224 sample.
 
 The load generator runs in this process on the same machine: on 2 cores it competes
 with the server, so images/s is a floor; the CPU-ms per image are the server's own.
@@ -32,6 +34,7 @@ import json
 import os
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,9 @@ from export.options import ExportOptions
 from export.pipeline import run_export
 from manifest import Manifest
 from service.images import decode
+from service.ipc import read_message, write_message
 from service.launch import running_server
+from service.remote import HostLink
 from service.tasks.classify import CenterCrop
 
 # A near-free Focal: widths 8..64, one or two blocks per stage (the golden fixtures' micro model).
@@ -118,15 +123,15 @@ def _model_ms_per_image(folder: Path, manifest: Manifest, sample: np.ndarray, ba
 
 
 def _serve(
-    folder: Path, body: bytes, concurrency: int, seconds: float, workers: int, threads: int, spinning: bool = True
+    folder: Path, body: bytes, concurrency: int, seconds: float, workers: int, delay_ms: float, threads: int = 1
 ) -> dict[str, Any]:
     with running_server(
         folder,
         workers=str(workers),
+        max_queue_delay_ms=str(delay_ms),
         max_batch_size=str(MAX_BATCH),
         max_queue_size="1024",
         intra_op_threads=str(threads),
-        intra_op_spinning=str(spinning).lower(),
     ) as server:
         url = f"{server.url}/classify"
         asyncio.run(_load(url, body, concurrency, 3.0))  # warm-up: pools, caches, the first batches
@@ -150,7 +155,8 @@ def _serve(
     images, batches = images1 - images0, max(batches1 - batches0, 1)
     return {
         "workers": workers,
-        "intra_op_threads": (str(threads) if threads else "one per core") + ("" if spinning else ", no spinning"),
+        "max_queue_delay_ms": delay_ms,
+        "intra_op_threads": str(threads) if threads else "one per core",
         "images": int(images),
         "errors": result["errors"],
         "images_per_s": round(len(result["latencies"]) / result["elapsed"], 1),
@@ -162,6 +168,46 @@ def _serve(
         "host_event_loop_cpu_ms_per_image": (host_loop1 - host_loop0) / images * 1000 if workers > 1 else None,
         "server_rss_mb": round(rss_mb),
     }
+
+
+# A preprocessed 224x224 sample as float32 (the input today), the same as uint8, and a small one.
+SAMPLES = {"float32 3x224x224": 3 * 224 * 224 * 4, "uint8 3x224x224": 3 * 224 * 224, "tiny": 3 * 32 * 32}
+
+
+def _crossing_ms(nbytes: int, count: int = 2000, concurrency: int = 16) -> float:
+    """CPU-ms per sample of the messages alone: a front end's HostLink sending `nbytes` samples to an
+    echo host that answers each with a 4 KB row (`service.ipc`, the model host's own framing)."""
+
+    async def measure() -> float:
+        row = np.zeros(1000, np.float32)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    header, _ = await read_message(reader)
+                    if header.get("op") == "infer":
+                        write_message(writer, {"id": header["id"]}, row)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "echo.sock")
+            server = await asyncio.start_unix_server(answer, path=path)
+            link = HostLink(path)
+            await link.connect()
+            sample = np.zeros(nbytes, np.uint8)
+
+            async def sender(n: int) -> None:
+                for _ in range(n):
+                    await link.start({"op": "infer"}, sample)[1]
+
+            await sender(100)
+            cpu = time.process_time()
+            await asyncio.gather(*(sender(count // concurrency) for _ in range(concurrency)))
+            spent = time.process_time() - cpu
+            await link.close()
+            server.close()
+        return spent / count * 1000
+
+    return asyncio.run(measure())
 
 
 def _is_front_end(pid: int) -> bool:
@@ -192,15 +238,20 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
         return spec.to_canvas(decode(body, 10**8, draft_short_side=spec.draft_short_side)).pixels
 
     sample = preprocess()
-    # (workers, onnxruntime threads, spinning): one intra-op thread, so that model CPU time is work
-    configs = {"1 worker": (1, 1, True), "2 workers": (2, 1, True), "2 workers, default pool": (2, 0, False)}
+    # (workers, queue delay): 5 ms is the GPU default (batches form within a window, as they must to feed
+    # a GPU), 0 the CPU default (a batch runs as soon as one image waits). One onnxruntime thread, so
+    # that model CPU time is work.
+    configs = {"1 worker, 5 ms": (1, 5.0), "2 workers, 5 ms": (2, 5.0), "1 worker, 0 ms": (1, 0.0),
+               "2 workers, 0 ms": (2, 0.0)}  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in configs}
     decode_ms: list[float] = []
     for _ in range(rounds):  # interleaved, medians: the machine is shared
         decode_ms.append(_tight_loop_ms(preprocess))
-        for key, (workers, threads, spinning) in configs.items():
-            runs[key].append(_serve(folder, body, concurrency, seconds, workers, threads, spinning))
+        for key, (workers, delay_ms) in configs.items():
+            runs[key].append(_serve(folder, body, concurrency, seconds, workers, delay_ms))
         print(f"round: decode {decode_ms[-1]:.2f} ms, {[r[-1] for r in runs.values()]}", flush=True)
+    crossing = {f"{name} ({nbytes // 1024} KiB)": round(_crossing_ms(nbytes), 3) for name, nbytes in SAMPLES.items()}
+    print(f"crossing: {crossing}", flush=True)
 
     rows = []
     for samples in runs.values():
@@ -211,6 +262,7 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
         rows.append(
             {
                 "workers": samples[0]["workers"],
+                "max_queue_delay_ms": samples[0]["max_queue_delay_ms"],
                 "intra_op_threads": samples[0]["intra_op_threads"],
                 "images_per_s": statistics.median(r["images_per_s"] for r in samples),
                 "avg_batch_size": avg_batch,
@@ -234,6 +286,7 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
         "seconds": seconds,
         "rounds": rounds,
         "decode_preprocess_cpu_ms": round(statistics.median(decode_ms), 2),
+        "crossing_cpu_ms_per_sample": crossing,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__},
         "results": rows,
     }
@@ -253,14 +306,14 @@ def write_reports(result: dict[str, Any], folder: Path = RESULTS) -> list[Path]:
         f"Decode + preprocess of the image in a tight loop, one thread: **{result['decode_preprocess_cpu_ms']} "
         "CPU-ms per image** (the floor).",
         "",
-        "| workers | onnxruntime threads | images/s | avg batch | front ends per batch | server CPU-ms/image "
+        "| workers | queue delay (ms) | images/s | avg batch | front ends per batch | server CPU-ms/image "
         "| model | besides the model | front ends' event loops | model host's event loop | server RSS (MB) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         host_loop = "-" if r["host_event_loop_cpu_ms_per_image"] is None else r["host_event_loop_cpu_ms_per_image"]
         lines.append(
-            f"| {r['workers']} | {r['intra_op_threads']} | {r['images_per_s']} | {r['avg_batch_size']} | "
+            f"| {r['workers']} | {r['max_queue_delay_ms']:g} | {r['images_per_s']} | {r['avg_batch_size']} | "
             f"{r['front_ends_per_batch']} | {r['server_cpu_ms_per_image']} | {r['model_cpu_ms_per_image']} | "
             f"**{r['besides_model_cpu_ms_per_image']}** | **{r['event_loop_cpu_ms_per_image']}** | {host_loop} | "
             f"{r['server_rss_mb']} |"
@@ -276,8 +329,13 @@ def write_reports(result: dict[str, Any], folder: Path = RESULTS) -> list[Path]:
         "the batches themselves run on another thread.",
         "- *front ends per batch*: the mean number of front-end processes whose images one batch held (1.0 "
         "with one worker).",
-        "- With onnxruntime's default pool, its threads' spinning would count in *besides the model*; the "
-        "'default pool' row turns spinning off (FOCAL_INTRA_OP_SPINNING=false).",
+        "- One onnxruntime thread (FOCAL_INTRA_OP_THREADS=1) everywhere, so that the model's CPU time is work "
+        "(its default pool's spinning threads would count in *besides the model*: see FOCAL_INTRA_OP_SPINNING).",
+        "",
+        "Crossing from a front end to the model host, per sample, both ends' CPU (a sample sent, a 4 KB row "
+        "back; `service.ipc` over a Unix socket, in one process, no model): "
+        + ", ".join(f"{k}: **{v} ms**" for k, v in result["crossing_cpu_ms_per_sample"].items())
+        + ".",
     ]
     paths[1].write_text("\n".join(lines) + "\n")
     return paths

@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,11 @@ def run(settings: Settings, socket_path: str, control: Connection) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C reaches the whole process group
         signal.signal(sig, signal.SIG_IGN)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(_serve(settings, socket_path, control)))
+    code = asyncio.run(_serve(settings, socket_path, control))
+    # Not sys.exit: the interpreter would join every executor thread, so a stuck backend call (or a
+    # model still loading, a TensorRT build, when the stop came) would hold the exit past its budget.
+    logging.shutdown()
+    os._exit(code)
 
 
 async def _serve(settings: Settings, socket_path: str, control: Connection) -> int:
@@ -73,7 +76,7 @@ async def _serve(settings: Settings, socket_path: str, control: Connection) -> i
 async def hosting(state: ServiceState, socket_path: str) -> AsyncIterator[ModelHost]:
     """Serve front ends on `socket_path` and load the models; on exit, drain and close them."""
     host = ModelHost(state)
-    server = await asyncio.start_unix_server(host.connection, path=socket_path)
+    server = host.server = await asyncio.start_unix_server(host.connection, path=socket_path)
     os.chmod(socket_path, 0o600)
     log.info("model host listening for front ends", extra={"fields": {"pid": os.getpid()}})
     loader = asyncio.create_task(load_planned_models(state), name="load-models")
@@ -114,6 +117,7 @@ class ModelHost:
         self.state = state
         self._connections: set[asyncio.StreamWriter] = set()
         self._connection_ids = itertools.count(1)
+        self.server: asyncio.Server | None = None
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One front-end process; its requests run side by side (answered in any order)."""
@@ -128,8 +132,10 @@ class ModelHost:
                     task = asyncio.create_task(self._infer(header, payload, writer, source))
                     running[request_id] = task
                     task.add_done_callback(functools.partial(_forget_task, running, request_id))
-                elif op == "cancel" and request_id in running:
-                    running[request_id].cancel()
+                elif op == "cancel":  # the answer may already be on its way: then there is nothing to cancel
+                    cancelled = running.get(request_id) if isinstance(request_id, int) else None
+                    if cancelled is not None:
+                        cancelled.cancel()
                 elif op == "status":
                     write_message(writer, {"id": request_id, "status": self.status()})
                 elif op == "hello":

@@ -8,12 +8,13 @@ samples. Here:
   of requests in flight, matched to their answers by id;
 - `RemoteBatcher`: `submit(sample, timeout_s)` through the link, raising the batcher's own
   exceptions (`QueueFull`, `Draining`, `DeadlineExceeded`, `BackendError`), so the request path
-  (`service.inference`) maps them to the same answers as in one process; a caller that goes away
-  takes its sample out of the host's queue;
+  (`service.inference`) maps them to the same answers as in one process; the sample of a caller
+  that goes away is cancelled in the host, and its batcher drops it before it runs;
 - `RemoteModel`: a `service.models.Model` whose health and info follow the host's;
 - `follow_model_host`: polls the host every `STATUS_INTERVAL_S`, so readiness, liveness,
   `/v1/models` and admission here say what the host says. A host that stops answering makes this
-  process not live; a host that is gone makes it failed.
+  process not live; a lost connection is re-made (the requests it held fail), and a host that
+  cannot be reached makes this process failed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ log = logging.getLogger("focal.service")
 
 STATUS_INTERVAL_S = 0.25
 CONNECT_TIMEOUT_S = 120.0  # the host creates its socket once its imports are done (seconds)
+RECONNECT_TIMEOUT_S = 10.0
 STALE_AFTER_S = 10.0  # no status answer for this long: the host is stuck (not live)
 # The host answers a sample's deadline itself; this much later the front end stops waiting anyway.
 DEADLINE_GRACE_S = 2.0
@@ -66,6 +68,8 @@ class HostLink:
         return self._writer is not None and self.gone is None
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Connect (again, after a lost connection: the requests it held have failed)."""
+        self.gone, self._writer = None, None
         end = time.monotonic() + timeout_s
         while True:
             try:
@@ -116,6 +120,12 @@ class HostLink:
         self._waiting[request_id] = answer
         write_message(self._writer, {**header, "id": request_id}, array)
         return request_id, answer
+
+    async def drain(self) -> None:
+        """Wait while the socket's buffer is full (a host that stopped reading holds its senders here)."""
+        if self._writer is not None and self.gone is None:
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
 
     def cancel(self, request_id: int) -> None:
         """The caller went away: the host takes the sample out of its queue (no answer comes)."""
@@ -169,6 +179,7 @@ class RemoteBatcher:
             raise Draining(str(exc)) from None
         self.pending += 1
         try:
+            await self.link.drain()
             header, payload = await asyncio.wait_for(answer, timeout_s + DEADLINE_GRACE_S)
         except asyncio.TimeoutError:
             self.link.cancel(request_id)
@@ -222,18 +233,28 @@ class RemoteModel(Model):
 async def follow_model_host(state: ServiceState, link: HostLink) -> None:
     """Connect to the model host, then keep this process's models and start-up state equal to the
     host's. Cancelling it leaves the link open: requests in flight finish first (`HostLink.close`)."""
+    connected = await _connect_or_fail(state, link, CONNECT_TIMEOUT_S)
+    while connected:
+        try:
+            status = await link.status(timeout_s=STALE_AFTER_S)
+        except asyncio.TimeoutError:
+            _host_stuck(state, time.monotonic() - link.last_status)
+            continue
+        except HostGone:  # the connection broke: the host may still be there (if not, the supervisor stops)
+            log.warning("reconnecting to the model host")
+            connected = await _connect_or_fail(state, link, RECONNECT_TIMEOUT_S)
+            continue
+        _adopt(state, link, status)
+        await asyncio.sleep(STATUS_INTERVAL_S)
+
+
+async def _connect_or_fail(state: ServiceState, link: HostLink, timeout_s: float) -> bool:
     try:
-        await link.connect()
-        while True:
-            try:
-                status = await link.status(timeout_s=STALE_AFTER_S)
-            except asyncio.TimeoutError:
-                _host_stuck(state, time.monotonic() - link.last_status)
-                continue
-            _adopt(state, link, status)
-            await asyncio.sleep(STATUS_INTERVAL_S)
+        await link.connect(timeout_s)
     except HostGone as exc:
         host_gone(state, str(exc))
+        return False
+    return True
 
 
 def host_gone(state: ServiceState, reason: str) -> None:

@@ -202,10 +202,26 @@ async def test_the_front_end_refuses_model_changes_and_a_wrong_sample(tmp_path: 
         await link.close()
 
 
-async def test_a_host_that_is_gone_makes_the_front_end_fail(tmp_path: Path) -> None:
+async def test_a_lost_connection_is_made_again(tmp_path: Path) -> None:
+    async with host_and_front_end(tmp_path) as (_, client, model_host):
+        await model_host.close()  # every front end's connection closed; the host still listens
+        await until(lambda: not model_host._connections)
+        for _ in range(200):
+            ok = await client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"})
+            if ok.status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        assert ok.status_code == 200, ok.text
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_host_that_is_gone_makes_the_front_end_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.remote.RECONNECT_TIMEOUT_S", 0.2)
     async with host_and_front_end(tmp_path) as (_, client, model_host):
         assert (await client.get("/readyz")).status_code == 200
-        await model_host.close()  # every connection closed: as if the host process died
+        assert model_host.server is not None
+        model_host.server.close()  # no longer listening, every connection closed: as if the process died
+        await model_host.close()
         for _ in range(200):
             if (await client.get("/healthz")).status_code == 503:
                 break
@@ -216,6 +232,22 @@ async def test_a_host_that_is_gone_makes_the_front_end_fail(tmp_path: Path) -> N
         assert (await client.get("/readyz")).status_code == 503
         refused = await client.post("/classify", content=JPEG, headers={"Content-Type": "image/jpeg"})
         assert refused.status_code == 503, refused.text
+
+
+async def test_cancelling_a_request_already_answered_is_harmless(tmp_path: Path) -> None:
+    """A caller can go away just as its answer arrives: the cancel then finds nothing, and the
+    connection (with every other request on it) stays up."""
+    async with host_and_front_end(tmp_path) as (host, _, _):
+        link = HostLink(str(tmp_path / "host.sock"))
+        await link.connect()
+        sample = np.zeros((3, 32, 32), np.float32)
+        request_id, answer = link.start({"op": "infer", "model": "focal_tiny", "timeout": 5.0}, sample)
+        await answer
+        link.cancel(request_id)
+        batcher = RemoteBatcher(link, "focal_tiny", served(host).info())
+        assert (await batcher.submit(sample, 5.0)).shape == (5,)
+        assert link.alive
+        await link.close()
 
 
 def test_a_payload_must_match_its_header() -> None:
