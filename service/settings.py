@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         le=MAX_WORKERS,
         description="HTTP front-end processes on the port; with more than one, a model host process runs the "
         f"models and all front ends feed its one batcher per model (default: one per usable core, at most "
-        f"{DEFAULT_WORKERS_CAP}; 1: one process, as before)",
+        f"{DEFAULT_WORKERS_CAP}, or 1 when FOCAL_ADMIN_TOKEN turns the model repository API on; 1: one process)",
     )
     backend: BackendChoice = Field("auto", description="auto: TensorRT engine if usable, else onnxruntime")
     max_batch_size: int | None = Field(None, ge=1, description="default: the export's max batch")
@@ -89,8 +89,12 @@ class Settings(BaseSettings):
         return 0.0 if device == "cpu" else GPU_QUEUE_DELAY_MS
 
     def worker_count(self) -> int:
-        """The number of front-end processes: the setting, else one per usable core (capped)."""
-        return self.workers or min(usable_cores(), DEFAULT_WORKERS_CAP)
+        """The number of front-end processes: the setting; else 1 when the model repository API is on
+        (loads and unloads need the models in the process that serves them), else one per usable core
+        (capped)."""
+        if self.workers:
+            return self.workers
+        return 1 if self.admin_token is not None else min(usable_cores(), DEFAULT_WORKERS_CAP)
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -258,8 +258,11 @@ def test_a_payload_must_match_its_header() -> None:
         array_of({"dtype": "|O", "shape": [1]}, bytes(8))
 
 
-def test_workers_default_to_the_usable_cores_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_workers_are_the_cores_capped_or_one_with_the_repository_api(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(workers=3).worker_count() == 3
     assert Settings().worker_count() == min(usable_cores(), DEFAULT_WORKERS_CAP)
     monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(64)))
     assert Settings().worker_count() == DEFAULT_WORKERS_CAP
+    # The model repository API on: one process by default (loads and unloads need it), unless asked.
+    assert Settings(admin_token="0123456789abcdef").worker_count() == 1
+    assert Settings(admin_token="0123456789abcdef", workers=4).worker_count() == 4
