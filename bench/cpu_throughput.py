@@ -92,7 +92,9 @@ class _Subject:
 def _prepare(variant: str, threads: int, int8: bool) -> _Subject:
     export_dir = Path("artifacts") / f"bench-{variant}-random-init{'-int8' if int8 else ''}"
     manifest = run_export(
-        ExportOptions(variant=variant, random_init=True, int8=int8, out=export_dir, engine="skip"), log=lambda _: None
+        # float input: PyTorch and the graphs get the same normalised tensors (the model's cost alone)
+        ExportOptions(variant=variant, random_init=True, int8=int8, out=export_dir, engine="skip", uint8_input=False),
+        log=lambda _: None,
     )
     h, w = manifest.input_size
     torch.manual_seed(0)

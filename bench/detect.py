@@ -60,7 +60,8 @@ def run(variant: str, rounds: int, seconds: float) -> dict[str, Any]:
     det = run_export(
         ExportOptions(variant=variant, task="detect", random_init=True, out=det_folder, engine="skip"), **quiet
     )
-    cls = run_export(ExportOptions(variant=variant, random_init=True, out=cls_folder, engine="skip"), **quiet)
+    cls_options = ExportOptions(variant=variant, random_init=True, out=cls_folder, engine="skip", uint8_input=False)
+    cls = run_export(cls_options, **quiet)  # float input, like the detector's
     assert det.task == "detect"
     det_session, cls_session = _session(det_folder / det.onnx_fp32), _session(cls_folder / cls.onnx_fp32)
     rng = np.random.default_rng(0)

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write an fp16 ONNX (LayerNorm/Softmax kept fp32), verified against fp32 (fails beyond 1e-2)",
     )
     p.add_argument(
+        "--uint8-input",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the graphs take uint8 RGB pixels [N,3,H,W] and normalise them (a 4x smaller input, no float "
+        "conversion on the host); default: on for classify, off (not offered) for detect",
+    )
+    p.add_argument(
         "--int8",
         action="store_true",
         help="also write an int8 graph (onnxruntime dynamic quantization, verified against fp32) that a CPU "
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         fp16=args.fp16,
         int8=args.int8,
+        uint8_input=args.uint8_input,
         min_batch=args.min_batch,
         opt_batch=args.opt_batch or 0,
         max_batch=args.max_batch or 0,

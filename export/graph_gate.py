@@ -7,7 +7,8 @@ Rules (each one a failure, listed together):
   Unsqueeze, is an initializer (static gathers, nothing computed at run time);
 - constant folding is complete: no node computes from initializers alone (so every
   relative-position bias is one folded constant);
-- one float input with a symbolic batch dimension.
+- one input with a symbolic batch dimension: float32, or uint8 that goes straight into a Cast
+  (TensorRT takes UINT8 only as a network input or output).
 """
 
 from __future__ import annotations
@@ -88,8 +89,13 @@ def inspect_graph(model: onnx.ModelProto) -> GraphReport:
         dims = graph.input[0].type.tensor_type.shape.dim
         if not dims or not dims[0].dim_param:
             problems.append("the input's batch dimension is not symbolic")
-        if graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            problems.append("the input is not float32")
+        given = graph.input[0]
+        if given.type.tensor_type.elem_type == onnx.TensorProto.UINT8:  # export.uint8: cast at once
+            users = [n for n in graph.node if given.name in n.input]
+            if not users or any(n.op_type != "Cast" for n in users):
+                problems.append("a uint8 input must go straight into Cast (TensorRT takes UINT8 only so)")
+        elif given.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            problems.append("the input is neither float32 nor uint8")
     return report
 
 

@@ -29,6 +29,7 @@ class ExportOptions:
     image_size: tuple[int, int] | None = None  # None: the task's default
     fp16: bool = False
     int8: bool = False  # also a dynamically quantized int8 graph, which CPU serving then prefers
+    uint8_input: bool | None = None  # the graphs take uint8 pixels and normalise them (None: the task's default)
     min_batch: int = 1
     opt_batch: int = 0  # 0: the task's default
     max_batch: int = 0
@@ -50,6 +51,11 @@ class ExportOptions:
     @property
     def precision(self) -> str:
         return "fp16" if self.fp16 else "fp32"
+
+    @property
+    def input_uint8(self) -> bool:
+        """Whether the served graphs take uint8 pixels: the option, else yes wherever the task offers it."""
+        return self.hooks.no_uint8_reason is None if self.uint8_input is None else self.uint8_input
 
     @property
     def size(self) -> tuple[int, int]:
@@ -110,6 +116,8 @@ class ExportOptions:
             raise ExportError(f"--model-version {self.model_version!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if self.labels is not None and not self.labels.is_file():
             raise ExportError(f"--labels {self.labels}: no such file")
+        if self.uint8_input and hooks.no_uint8_reason is not None:
+            raise ExportError(f"--uint8-input is not offered for --task {self.task}: {hooks.no_uint8_reason}")
         if self.int8 and hooks.no_int8_reason is not None:
             raise ExportError(f"--int8 is not offered for --task {self.task}: {hooks.no_int8_reason}")
         if self.out is not None and self.out.exists() and not self.out.is_dir():

@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from export import tensorrt_engine
 from export.engine import ensure_engine
 from export.fp16 import convert_to_fp16
@@ -21,6 +23,9 @@ from export.int8 import quantize_int8
 from export.onnx_export import INPUT_NAME, OPSET, keep_outputs, save_onnx
 from export.options import ExportError, ExportOptions, read_label_file
 from export.tasks import ExportTask
+from export.tasks.base import IMAGENET_MEAN, IMAGENET_STD
+from export.uint8 import verify_uint8_input, with_uint8_input
+from export.verify import FP16_RELATIVE_TOLERANCE, FP32_RELATIVE_TOLERANCE
 from export.weights import (
     WeightsError,
     WeightsSource,
@@ -69,7 +74,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
     task = opts.hooks
     out = opts.out or opts.default_out()
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(6 + opts.fp16 + opts.int8, log)
+    progress = Progress(6 + opts.fp16 + opts.int8 + opts.input_uint8, log)
     variant = get_variant(opts.variant)
 
     with progress.step("weights"):
@@ -92,6 +97,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
         "weights_role": opts.weights_role,
         "precision": opts.precision,
         "int8": opts.int8,
+        "uint8_input": opts.input_uint8,
         "batch": list(opts.batch),
         "model_kwargs": opts.model_kwargs,
         "num_classes": config.num_classes,
@@ -111,6 +117,7 @@ def run_export(opts: ExportOptions, log: Callable[[str], None] = print) -> Manif
         manifest = previous
         titles = ["PyTorch model", "ONNX export + graph gate", "verification"]
         titles += ["fp16 ONNX + verification"] * opts.fp16 + ["int8 ONNX + verification"] * opts.int8
+        titles += ["uint8 input + verification"] * opts.input_uint8
         for title in titles:
             with progress.step(title):
                 log("      unchanged inputs and artifacts (sha256 verified): reusing")
@@ -212,6 +219,16 @@ def _export_fresh(
             verification["int8_vs_fp32"] = task.verify_int8(out / FP32_ONNX, out / INT8_ONNX, size)
             log(f"      int8 vs fp32 (onnxruntime): {task.summary(verification['int8_vs_fp32'])}")
 
+    if opts.input_uint8:
+        with progress.step("uint8 input + verification"):
+            uint8 = _uint8_inputs(out, [FP32_ONNX] + [FP16_ONNX] * opts.fp16 + [INT8_ONNX] * opts.int8, size)
+            verification["uint8_input_vs_float"] = uint8["verification"]
+            report = uint8["gate"]  # the served graph, as the manifest describes it
+            log(
+                f"      uint8 [N,3,{size[0]},{size[1]}] input, normalised in the graph; against float input: "
+                f"max {verification['uint8_input_vs_float']['relative_diff']:.1e} of the output scale"
+            )
+
     height, width = size
     fields: dict[str, Any] = {
         "variant": get_variant(opts.variant).name,
@@ -226,13 +243,37 @@ def _export_fresh(
         "onnx_fp32": FP32_ONNX,
         "onnx_int8": INT8_ONNX if opts.int8 else None,
         "labels": LABELS,
-        "input": TensorSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, height, width]),
+        "input": TensorSpec(
+            name=INPUT_NAME, dtype="uint8" if opts.input_uint8 else "float32", shape=["batch", 3, height, width]
+        ),
         "batch": dict(zip(("min", "opt", "max"), opts.batch, strict=True)),
         "focal_config": {k: v for k, v in vars(config).items() if k != "ignored_training_kwargs"},
         "graph": GraphInfo(node_count=report.node_count, opset=report.opset, op_counts=report.op_counts),
         "verification": verification,
     }
     return task.manifest(model, size, fields)
+
+
+def _uint8_inputs(out: Path, names: list[str], size: tuple[int, int]) -> dict[str, Any]:
+    """Give every served graph uint8 input (`export.uint8`), each verified against its float-input self
+    and the fp32 one through the graph gate again; the gate's report of the fp32 graph, and the worst
+    verification (per graph under "graphs")."""
+    reports: dict[str, dict[str, float]] = {}
+    gate = None
+    for name in names:
+        float_graph = onnx.load(str(out / name))
+        graph = with_uint8_input(float_graph, IMAGENET_MEAN, IMAGENET_STD)
+        tolerance = FP32_RELATIVE_TOLERANCE if name == FP32_ONNX else FP16_RELATIVE_TOLERANCE
+        reports[name] = verify_uint8_input(float_graph, graph, size, IMAGENET_MEAN, IMAGENET_STD, tolerance)
+        if name != INT8_ONNX:  # the int8 graph is for onnxruntime on CPUs, never for TensorRT
+            report = check_graph(graph)
+            gate = gate or report
+        save_onnx(graph, out / name)
+    worst = max(reports.values(), key=lambda r: r["relative_diff"])
+    return {
+        "gate": gate,
+        "verification": {**worst, "graphs": reports, "checked_with": "onnxruntime CPU", "normalise": "graph"},
+    }
 
 
 def _labels(opts: ExportOptions, task: ExportTask, num_classes: int) -> list[str]:

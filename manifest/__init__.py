@@ -73,12 +73,15 @@ class Weights(_Strict):
 
 
 class _Normalised(_Strict):
-    """What every preprocess ends with: RGB in [0, 1], then (x - mean) / std, laid out NCHW."""
+    """What every preprocess ends with: RGB in [0, 1], then (x - mean) / std, laid out NCHW; done by the
+    host (the input is float32) or by the graph's first nodes (`normalise: graph`: the input is the
+    uint8 RGB pixels, 0..255)."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_range: str = "RGB scaled to [0, 1], then (x - mean) / std"
     layout: Literal["NCHW"] = "NCHW"
+    normalise: Literal["host", "graph"] = "host"
 
 
 class CropPreprocess(_Normalised):
@@ -198,6 +201,14 @@ class _ManifestBase(_Strict):
     def output(self) -> TensorSpec:
         return self.outputs[0]
 
+    @model_validator(mode="after")
+    def _input_matches_normalisation(self) -> _ManifestBase:
+        """uint8 pixels exactly when the graph normalises them (and float32 when the host does)."""
+        in_graph = getattr(self, "preprocess").normalise == "graph"  # noqa: B009 - each task's own preprocess
+        if in_graph != (self.input.dtype == "uint8"):
+            raise ValueError(f"input {self.input.dtype} with normalise: {'graph' if in_graph else 'host'}")
+        return self
+
     @property
     def onnx_names(self) -> list[str]:
         return sorted({self.onnx, self.onnx_fp32} | ({self.onnx_int8} if self.onnx_int8 else set()))
@@ -206,8 +217,14 @@ class _ManifestBase(_Strict):
         """Atomically: a reader never sees half a manifest."""
         path = folder / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        # Without --int8 the field is left out, so readers of format 2 from before it still read the file.
-        tmp.write_text(self.model_dump_json(indent=2, exclude={"onnx_int8"} if self.onnx_int8 is None else None) + "\n")
+        # Fields at their old meaning are left out (no --int8; normalised on the host), so readers of
+        # format 2 from before them still read the file.
+        exclude: dict[str, Any] = {}
+        if self.onnx_int8 is None:
+            exclude["onnx_int8"] = True
+        if getattr(self, "preprocess").normalise == "host":  # noqa: B009
+            exclude["preprocess"] = {"normalise"}
+        tmp.write_text(self.model_dump_json(indent=2, exclude=exclude or None) + "\n")
         tmp.replace(path)
         return path
 

@@ -158,10 +158,10 @@ class ModelHost:
             sample = array_of(header, payload)
             with self.state.model_named(str(header["model"])).lease() as leased:
                 model = cast(ServedModel, leased)  # the host's models run here
-                expected = tuple(model.manifest.input.sample_shape)
-                if sample.shape != expected or sample.dtype.name != "float32":
+                spec = model.manifest.input
+                if sample.shape != spec.sample_shape or sample.dtype.name != spec.dtype:
                     raise errors.BadRequest(f"a {sample.dtype} {list(sample.shape)} sample; {model.name} takes "
-                                            f"float32 {list(expected)}")  # fmt: skip
+                                            f"{spec.dtype} {list(spec.sample_shape)}")  # fmt: skip
                 row = await model.batcher.submit(sample, float(header["timeout"]), source)
         except (QueueFull, Draining, DeadlineExceeded, BackendError) as exc:
             write_message(writer, {**answer, "error": type(exc).__name__, "message": str(exc)})

@@ -244,8 +244,13 @@ class ServedModel(Model):
         }
 
     def synthetic_batch(self, size: int) -> np.ndarray:
-        """Zeros in the input's shape: the mean image after normalisation (warm-up and probes)."""
-        return np.zeros((size, *self.manifest.input.sample_shape), dtype=np.float32)
+        """The mean image in the input's shape and type (warm-up and probes): zeros after normalisation,
+        or the mean colour's uint8 pixels for a graph that normalises."""
+        spec, preprocess = self.manifest.input, self.manifest.preprocess
+        if spec.dtype != "uint8":
+            return np.zeros((size, *spec.sample_shape), dtype=np.float32)
+        colour = np.round(np.asarray(preprocess.mean) * 255).astype(np.uint8).reshape(3, 1, 1)
+        return np.ascontiguousarray(np.broadcast_to(colour, (size, *spec.sample_shape)))
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def warm_up(self) -> None:

@@ -33,6 +33,8 @@ class ExportTask(ABC):
     default_batch: tuple[int, int]  # (opt, max) of the TensorRT profile
     # Why --int8 is not offered for this task; None where it is (the task implements verify_int8).
     no_int8_reason: str | None = "its int8 verification is not written yet"
+    # Why the graphs cannot take uint8 pixels for this task (None: they do, by default; `export.uint8`).
+    no_uint8_reason: str | None = None
 
     @abstractmethod
     def check(self, opts: ExportOptions) -> None:

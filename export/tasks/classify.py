@@ -150,6 +150,7 @@ class ClassifyTask(ExportTask):
                 crop=(h, w),
                 mean=IMAGENET_MEAN,
                 std=IMAGENET_STD,
+                normalise="graph" if fields["input"].dtype == "uint8" else "host",
             ),
         )
 

@@ -60,6 +60,10 @@ class DetectTask(ExportTask):
     default_size = (640, 640)
     default_batch = (2, 8)  # a 640x640 detector costs ~16x a 224 classifier per image
     no_int8_reason = "a detector's quantized outputs have no verification bound yet (classifiers have one)"
+    no_uint8_reason = (
+        "the letterbox pads with the colour that normalises to zero (ImageNet mean x 255 = 123.675, 116.28, "
+        "103.53), which no uint8 value is, so uint8 input would change what the model sees near the padding"
+    )
 
     def check(self, opts: ExportOptions) -> None:
         if not any(opts.weights_given):

@@ -8,6 +8,8 @@ one place that knows how a task's model is made.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ class TorchBackend:
             import torch
 
             from export.tasks import get_task
+            from export.uint8 import normalise
             from export.weights import seed_random_init
             from focal import FocalConfig
             from focal.checkpoint import read_state_dict
@@ -42,8 +45,14 @@ class TorchBackend:
                 raise BackendUnavailable(f"the checkpoint the export used is not at {path} (or differs)")
             task.load_weights(self.model, read_state_dict(path), manifest.weights_role)
         self.max_batch_size = manifest.batch.max
+        spec = manifest.preprocess  # an export that normalises in its graph takes uint8: do it here then
+        self.normalise: Callable[[np.ndarray], np.ndarray] | None = None
+        if spec.normalise == "graph":
+            self.normalise = functools.partial(normalise, mean=spec.mean, std=spec.std)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.normalise is not None:
+            batch = self.normalise(batch)
         with self._torch.inference_mode():
             out = self.model(self._torch.from_numpy(batch))
         return np.asarray(out.numpy())

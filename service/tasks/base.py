@@ -20,7 +20,7 @@ class Placed(Protocol):
     """An image after the task's transform: the model input, and whatever the inverse needs."""
 
     @property
-    def pixels(self) -> np.ndarray: ...  # float32 [3, H, W], normalised
+    def pixels(self) -> np.ndarray: ...  # the model input of one image: float32 normalised, or uint8 pixels
 
 
 class Transform(Protocol):

@@ -2,9 +2,9 @@
 
 The transform follows the manifest's `preprocess` block exactly as the export
 recorded it: bicubic resize (aspect kept) to cover `resize_to_cover`, centre crop,
-/255, mean/std. For a square crop that is the official evaluation transform
-(short side to 256/224 of the crop). Results refer to the whole image, so there is
-no inverse to apply.
+/255, mean/std (for an export whose graph normalises, the crop's uint8 pixels as they are).
+For a square crop that is the official evaluation transform (short side to 256/224 of
+the crop). Results refer to the whole image, so there is no inverse to apply.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Cropped:
-    pixels: np.ndarray  # float32 [3, H, W]
+    pixels: np.ndarray  # float32 [3, H, W], normalised; or uint8 [3, H, W] when the graph normalises
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,11 @@ class CenterCrop:
     crop: tuple[int, int]  # (height, width)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    normalise_in_graph: bool = False  # the model takes the uint8 pixels as they are
 
     @classmethod
     def from_manifest(cls, spec: CropPreprocess) -> CenterCrop:
-        return cls(spec.resize_to_cover, spec.crop, spec.mean, spec.std)
+        return cls(spec.resize_to_cover, spec.crop, spec.mean, spec.std, spec.normalise == "graph")
 
     @property
     def draft_short_side(self) -> int:
@@ -50,7 +51,8 @@ class CenterCrop:
         return max(self.resize_to_cover)
 
     def to_canvas(self, image: Image.Image, full_size: tuple[int, int] | None = None) -> Cropped:
-        """RGB image -> float32 [3, H, W], normalised. (The full size does not matter: crops are relative.)"""
+        """RGB image -> float32 [3, H, W], normalised, or its uint8 pixels when the graph normalises.
+        (The full size does not matter: crops are relative.)"""
         width, height = image.size
         cover_h, cover_w = self.resize_to_cover
         if cover_w / width >= cover_h / height:  # width decides (torchvision's Resize: the long side truncated)
@@ -67,6 +69,8 @@ class CenterCrop:
         sx, sy = width / size[0], height / size[1]
         box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
         image = image.resize((crop_w, crop_h), Image.Resampling.BICUBIC, box=box)
+        if self.normalise_in_graph:
+            return Cropped(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
         pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
         array = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return Cropped(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -3,8 +3,10 @@
 
 Each model accepts one of two inputs per request, both listed in its metadata:
 
-- the model input itself, `FP32 [N, 3, H, W]`, already normalised as the manifest's
-  `preprocess` block describes (named as in the manifest, `pixels`);
+- the model input itself, named as in the manifest (`pixels`): `FP32 [N, 3, H, W]`, already
+  normalised as the manifest's `preprocess` block describes; or, for an export whose graph
+  normalises (`preprocess.normalise: graph`, the default for classifiers), `UINT8 [N, 3, H, W]`,
+  the resized RGB pixels as they are;
 - `image_bytes`, `BYTES [N]`: encoded images (JPEG, PNG, ...), decoded and transformed exactly
   as `/classify` and `/detect` do, so the numbers are the same.
 
@@ -74,10 +76,13 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
+INPUT_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}  # manifest dtype -> protocol datatype
+
+
 def model_inputs(model: Model) -> list[TensorMeta]:
     spec = model.manifest.input
     return [
-        TensorMeta(spec.name, "FP32", [-1, *spec.sample_shape]),
+        TensorMeta(spec.name, INPUT_DATATYPES[spec.dtype], [-1, *spec.sample_shape]),
         TensorMeta(IMAGE_INPUT, BYTES, [-1]),
     ]
 
@@ -120,7 +125,7 @@ async def infer(
         samples = [p.pixels for p in placed]
     else:
         inference.check_image_count(state, len(tensor.array))
-        samples = list(tensor.array.astype(np.float32, copy=False))
+        samples = list(tensor.array.astype(model.manifest.input.dtype, copy=False))
     deadlines = [t for t in (timeout_s, request.timeout_s) if t is not None]
     rows = await inference.infer(state, model, samples, min(deadlines) if deadlines else None, gone)
 

@@ -61,7 +61,9 @@ def test_the_int8_graph_is_verified_and_recorded(int8_export: tuple[Path, Classi
     assert report["limits"] == {"relative_diff": 0.1, "top1_kept": 0.9, "near_tie": 0.01}
     assert "dynamic quantization" in report["method"]
     assert "int8 dot products" in report["checked_with"]
-    assert "[5/7] int8 ONNX + verification" in log
+    assert "[5/8] int8 ONNX + verification" in log
+    assert "[6/8] uint8 input + verification" in log
+    assert manifest.verification["uint8_input_vs_float"]["graphs"][INT8_ONNX]["relative_diff"] < 1e-2
     assert "int8 vs fp32 (onnxruntime): max |diff|" in log
     assert "top-1 kept" in log
     ops = {node.op_type for node in onnx.load(str(folder / INT8_ONNX)).graph.node}

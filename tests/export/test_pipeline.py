@@ -73,7 +73,9 @@ def test_the_manifest_describes_the_export(classify_export: ClassifyExport) -> N
     assert manifest.engine is None
     assert "TensorRT" in (manifest.engine_skipped_reason or "")
     assert (manifest.preprocess.resize_to_cover, manifest.preprocess.crop) == ((256, 256), (224, 224))
-    assert manifest.input.model_dump() == {"name": "pixels", "dtype": "float32", "shape": ["batch", 3, 224, 224]}
+    # The default: uint8 pixels in, normalised by the graph's first nodes.
+    assert manifest.input.model_dump() == {"name": "pixels", "dtype": "uint8", "shape": ["batch", 3, 224, 224]}
+    assert manifest.preprocess.normalise == "graph"
     assert manifest.output.model_dump() == {"name": "logits", "dtype": "float32", "shape": ["batch", 10]}
     assert (manifest.versions["torch"] or "").startswith("2.13")
     assert manifest.versions["onnxruntime"]
@@ -92,15 +94,21 @@ def test_every_graph_passes_the_gate_and_both_were_verified(classify_export: Cla
     fp16 = manifest.verification["fp16_vs_fp32"]
     assert fp16["relative_diff"] < 1e-2
     assert (fp16["top1_flips"], fp16["checked_with"]) == (0, "onnxruntime CPU")
+    uint8 = manifest.verification["uint8_input_vs_float"]
+    assert set(uint8["graphs"]) == {manifest.onnx_fp32, manifest.onnx}
+    assert uint8["graphs"][manifest.onnx_fp32]["relative_diff"] < 1e-5  # float32 rounding only
+    assert uint8["graphs"][manifest.onnx]["relative_diff"] < 1e-2
     graph = onnx.load(str(folder / manifest.onnx))
-    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [n.op_type for n in graph.graph.node[:3]] == ["Cast", "Mul", "Add"]  # normalised at once, in fp32
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
 
 
 def test_progress_is_printed_step_by_step(classify_export: ClassifyExport) -> None:
-    for step in ("[1/7] weights", "[3/7] ONNX export", "[5/7] fp16 ONNX + verification", "[6/7] TensorRT engine",
-                 "[7/7] manifest", "RANDOM-INIT", "done in"):  # fmt: skip
+    for step in ("[1/8] weights", "[3/8] ONNX export", "[5/8] fp16 ONNX + verification",
+                 "[6/8] uint8 input + verification", "[7/8] TensorRT engine", "[8/8] manifest", "RANDOM-INIT",
+                 "done in"):  # fmt: skip
         assert step in classify_export.log
 
 
@@ -110,7 +118,7 @@ def test_the_cli_export_of_an_official_checkpoint_reproduces_the_official_logits
     result = run_cli(
         "--variant", "focal_tiny", "--weights", str(case.checkpoint), "--image-size", "256x320",
         "--model-kwargs", json.dumps(micro_kwargs("micro_256x320", CLASSIFIER_KEYS)), "--out", str(tmp_path),
-        "--engine", "skip",
+        "--engine", "skip", "--no-uint8-input",  # the fixtures' inputs are normalised floats
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"exported focal_tiny to {tmp_path}" in result.stdout
@@ -130,6 +138,7 @@ def test_a_useconv_checkpoint_exports_to_the_official_logits(tmp_path: Path) -> 
         model_kwargs=micro_kwargs("micro_useconv_224", CLASSIFIER_KEYS),
         out=tmp_path,
         engine="skip",
+        uint8_input=False,  # the fixtures' inputs are normalised floats
     )
     manifest = run_export(opts, log=lambda _: None)
     assert np.abs(logits(tmp_path / manifest.onnx, case.images.numpy()) - case.logits.numpy()).max() <= 1e-4

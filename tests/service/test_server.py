@@ -105,7 +105,7 @@ def _bytes_input(module: Any, images: list[bytes]) -> Any:
 
 
 def _pixels_input(module: Any, pixels: np.ndarray, **json_or_binary: bool) -> Any:
-    given = module.InferInput("pixels", list(pixels.shape), "FP32")
+    given = module.InferInput("pixels", list(pixels.shape), {"uint8": "UINT8"}.get(pixels.dtype.name, "FP32"))
     given.set_data_from_numpy(pixels, **json_or_binary)
     return given
 
@@ -114,8 +114,9 @@ def test_open_inference_protocol_clients_match_the_own_api(
     classify_export: ClassifyExport, detect_export: DetectExport
 ) -> None:
     """tritonclient.http and tritonclient.grpc, unchanged, against one server with both exports: metadata,
-    readiness, and inference with FP32 tensors (JSON and binary) and with encoded images, equal to what
-    /classify and /detect answer for the same images."""
+    readiness, and inference with the model input as a tensor (the classifier's UINT8 pixels, the
+    detector's FP32 canvas; JSON and binary) and with encoded images, equal to what /classify and /detect
+    answer for the same images."""
     grpc_port = free_port()
     second = encode(photo((500, 700), seed=9), "JPEG", quality=90)
     models = f"{classify_export.folder},{detect_export.folder}"
@@ -135,8 +136,11 @@ def test_open_inference_protocol_clients_match_the_own_api(
             ("probabilities", [-1, 10]),
         ]
         assert grpc.get_model_metadata("focal_tiny", as_json=True)["outputs"][0]["shape"] == ["-1", "10"]
+        assert metadata["inputs"][0] == {"name": "pixels", "datatype": "UINT8", "shape": [-1, 3, 224, 224]}
+        detector_input = http.get_model_metadata("focal_tiny_retinanet")["inputs"][0]
+        assert detector_input["datatype"] == "FP32"  # detection exports keep float input (the letterbox pad)
 
-        # The classifier: probabilities from JPEG bytes equal /classify's scores; logits from the FP32 tensor
+        # The classifier: probabilities from JPEG bytes equal /classify's scores; logits from the UINT8 tensor
         # (the service's own decoding and transform, done here) equal logits from the bytes.
         own = [
             httpx.post(f"{server.url}/classify?top_k=10", content=jpeg, headers={"Content-Type": "image/jpeg"}).json()[
