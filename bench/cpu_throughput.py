@@ -90,7 +90,7 @@ class _Subject:
 
 
 def _prepare(variant: str, threads: int, int8: bool) -> _Subject:
-    export_dir = Path("artifacts") / f"bench-{variant}-random-init{'-int8' if int8 else ''}"
+    export_dir = Path("artifacts") / f"bench-{variant}-random-init-float{'-int8' if int8 else ''}"
     manifest = run_export(
         # float input: PyTorch and the graphs get the same normalised tensors (the model's cost alone)
         ExportOptions(variant=variant, random_init=True, int8=int8, out=export_dir, engine="skip", uint8_input=False),

@@ -55,7 +55,7 @@ def _median_ms(fn: Any, repeats: int) -> float:
 def run(variant: str, rounds: int, seconds: float) -> dict[str, Any]:
     canvas = (640, 640)
     det_folder = Path("artifacts") / f"bench-{variant}-detect-640x640-random-init"
-    cls_folder = Path("artifacts") / f"bench-{variant}-random-init"
+    cls_folder = Path("artifacts") / f"bench-{variant}-random-init-float"
     quiet = {"log": lambda _: None}
     det = run_export(
         ExportOptions(variant=variant, task="detect", random_init=True, out=det_folder, engine="skip"), **quiet

@@ -170,7 +170,7 @@ def _serve(
     }
 
 
-# A preprocessed 224x224 sample as float32 (the input today), the same as uint8, and a small one.
+# A preprocessed 224x224 sample as float32 (a float-input export's), as uint8 (a classifier's default), and a small one.
 SAMPLES = {"float32 3x224x224": 3 * 224 * 224 * 4, "uint8 3x224x224": 3 * 224 * 224, "tiny": 3 * 32 * 32}
 
 

@@ -219,7 +219,7 @@ def _export_fresh(
             verification["int8_vs_fp32"] = task.verify_int8(out / FP32_ONNX, out / INT8_ONNX, size)
             log(f"      int8 vs fp32 (onnxruntime): {task.summary(verification['int8_vs_fp32'])}")
 
-    if opts.input_uint8:
+    if opts.input_uint8:  # after fp16 and int8: converting the prefix too would round its constants to fp16
         with progress.step("uint8 input + verification"):
             uint8 = _uint8_inputs(out, [FP32_ONNX] + [FP16_ONNX] * opts.fp16 + [INT8_ONNX] * opts.int8, size)
             verification["uint8_input_vs_float"] = uint8["verification"]

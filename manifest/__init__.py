@@ -101,6 +101,7 @@ class LetterboxPreprocess(_Normalised):
     scale: str = "min(canvas_h / image_h, canvas_w / image_w); resized side = int(side * scale + 0.5)"
     pad: str = "bottom and right, value 0 after normalisation"
     interpolation: Literal["bilinear"] = "bilinear"
+    normalise: Literal["host"] = "host"  # no uint8 pad colour normalises to 0: the host normalises
 
 
 class GraphInfo(_Strict):

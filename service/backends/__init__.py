@@ -1,4 +1,5 @@
-"""Backends run one batch of preprocessed images: `infer(float32 [N, 3, H, W]) -> float32 [N, ...]`.
+"""Backends run one batch of preprocessed images: `infer(pixels [N, 3, H, W]) -> float32 [N, ...]`, the
+pixels in the manifest's input type (float32 normalised, or uint8 for a graph that normalises).
 
 The output is the export's one output: logits [N, classes] for a classifier,
 candidate rows [N, K, 6] for a detector (see `service.tasks`). `close()` frees

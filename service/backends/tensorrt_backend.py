@@ -89,6 +89,11 @@ class TensorRTBackend:
                 f"{engine_path}: the engine's (input sample, output sample, batch range) are {found}, the manifest "
                 f"says {expected}; {rebuild}"
             )
+        in_type = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
+        if in_type != np.dtype(manifest.input.dtype):  # uint8 pixels into a float input would skip normalising
+            raise BackendUnavailable(
+                f"{engine_path}: the engine's input is {in_type}, the manifest says {manifest.input.dtype}; {rebuild}"
+            )
         self.engine, self.context = engine, engine.create_execution_context()
         if self.context is None:
             raise BackendUnavailable(f"{engine_path}: TensorRT could not create an execution context (GPU memory?)")
@@ -96,9 +101,8 @@ class TensorRTBackend:
         self.precision: str = built.precision
         try:
             self.stream = _check(cudart.cudaStreamCreate())
-            in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
             out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.output_name)))
-            self.host_in = self._pinned((self.max_batch_size, *self.sample_shape), in_dtype)
+            self.host_in = self._pinned((self.max_batch_size, *self.sample_shape), in_type)
             self.host_out = self._pinned((self.max_batch_size, *out_sample), out_dtype)
             self.device_in = self._device(self.host_in.nbytes)
             self.device_out = self._device(self.host_out.nbytes)

@@ -119,6 +119,12 @@ def from_json(
         values = np.asarray(flat)
         if values.dtype.kind not in "biuf" or values.ndim != 1:  # strings, nested lists, objects, null
             raise ValueError("elements must be numbers")
+        if dtype.kind in "iu" and values.size:  # a cast would wrap 256 to 0 and cut 0.5 to 0: refuse instead
+            limits = np.iinfo(dtype)
+            if not np.array_equal(values, np.round(values)):
+                raise ValueError("elements must be whole numbers")
+            if values.min() < limits.min or values.max() > limits.max:
+                raise ValueError(f"elements must lie in {limits.min}..{limits.max}")
         return reshape(name, values.astype(dtype), dims)
     except (TypeError, ValueError, OverflowError) as exc:
         raise TensorError(f"input {name!r}: the data are not {datatype} ({exc})") from None

@@ -117,6 +117,21 @@ def test_tensorrt_refuses_an_engine_that_disagrees_with_its_manifest_or_this_mac
     assert not record["malloc"]  # refused before allocating anything
 
 
+def test_tensorrt_refuses_an_engine_whose_input_type_is_not_the_manifests(tmp_path: Path) -> None:
+    """A float-input engine beside a manifest that says uint8 (the graph normalises): the raw pixels
+    would reach the model unnormalised, so the engine is refused with the rebuild command. (The fake
+    engine's input is float32.)"""
+    folder, manifest = engine_folder(tmp_path)
+    manifest.input.dtype, manifest.preprocess.normalise = "uint8", "graph"
+    with (
+        fake_tensorrt_installed(FakeGpu()) as record,
+        pytest.raises(BackendUnavailable, match="the engine's input is float32, the manifest says uint8") as refused,
+    ):
+        TensorRTBackend(folder, manifest)
+    assert f"python -m export.engine --model {folder}" in str(refused.value)
+    assert not record["malloc"]
+
+
 def test_tensorrt_without_memory_for_an_execution_context_is_unavailable(tmp_path: Path) -> None:
     folder, manifest = engine_folder(tmp_path)
     with (

@@ -86,6 +86,7 @@ def test_tensors_round_trip_in_both_wire_forms() -> None:
     assert np.array_equal(tensors.from_raw("x", "FP32", [2, 3], tensors.to_raw(array)), array)
     assert np.array_equal(tensors.from_json("x", "FP32", [2, 3], tensors.to_json(array)), array)
     assert np.array_equal(tensors.from_json("x", "FP32", [2, 3], [[0, 1, 2], [3, 4, 5]]), array)  # nested
+    assert tensors.from_json("x", "UINT8", [3], [0, 255, 7.0]).tolist() == [0, 255, 7]
     blobs = np.array([b"\xff\xd8jpeg", b"", b"png"], dtype=np.object_)
     raw = tensors.to_raw(blobs)
     assert raw[:4] == struct.pack("<I", 6)  # each element: its little-endian length, then its bytes
@@ -108,6 +109,10 @@ def test_tensors_round_trip_in_both_wire_forms() -> None:
         (lambda: tensors.from_json("x", "FP32", [2], ["1", 2]), "the data are not FP32"),
         (lambda: tensors.from_json("x", "FP32", [2], [1, None]), "the data are not FP32"),
         (lambda: tensors.from_json("x", "BYTES", [1], ["not base64!"]), "not valid base64"),
+        # UINT8 pixels (a classifier's default input): a cast would wrap 256 to 0 and cut 0.5 to 0
+        (lambda: tensors.from_json("x", "UINT8", [3], [300, 1, 2]), r"must lie in 0\.\.255"),
+        (lambda: tensors.from_json("x", "UINT8", [2], [-1, 2]), r"must lie in 0\.\.255"),
+        (lambda: tensors.from_json("x", "UINT8", [2], [0.5, 2]), "must be whole numbers"),
         (lambda: tensors.from_json("x", "BYTES", [1], [3]), "must be base64 strings"),
     ],
 )
