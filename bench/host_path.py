@@ -160,6 +160,8 @@ def _serve(
         "images": int(images),
         "errors": result["errors"],
         "images_per_s": round(len(result["latencies"]) / result["elapsed"], 1),
+        "p50_ms": round(float(np.percentile(result["latencies"], 50)) * 1000, 1),
+        "p95_ms": round(float(np.percentile(result["latencies"], 95)) * 1000, 1),
         "avg_batch_size": round(images / batches, 2),
         "front_ends_per_batch": round((sources1 - sources0) / batches, 2),
         "server_cpu_ms_per_image": (cpu1 - cpu0) / images * 1000,
@@ -266,6 +268,8 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
                 "intra_op_threads": samples[0]["intra_op_threads"],
                 "images_per_s": statistics.median(r["images_per_s"] for r in samples),
                 "avg_batch_size": avg_batch,
+                "p50_ms": statistics.median(r["p50_ms"] for r in samples),
+                "p95_ms": statistics.median(r["p95_ms"] for r in samples),
                 "front_ends_per_batch": statistics.median(r["front_ends_per_batch"] for r in samples),
                 "server_cpu_ms_per_image": round(total, 2),
                 "model_cpu_ms_per_image": round(model_ms, 2),
@@ -306,14 +310,16 @@ def write_reports(result: dict[str, Any], folder: Path = RESULTS) -> list[Path]:
         f"Decode + preprocess of the image in a tight loop, one thread: **{result['decode_preprocess_cpu_ms']} "
         "CPU-ms per image** (the floor).",
         "",
-        "| workers | queue delay (ms) | images/s | avg batch | front ends per batch | server CPU-ms/image "
-        "| model | besides the model | front ends' event loops | model host's event loop | server RSS (MB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workers | queue delay (ms) | images/s | p50 / p95 ms | avg batch | front ends per batch "
+        "| server CPU-ms/image | model | besides the model | front ends' event loops | model host's event loop "
+        "| server RSS (MB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         host_loop = "-" if r["host_event_loop_cpu_ms_per_image"] is None else r["host_event_loop_cpu_ms_per_image"]
         lines.append(
-            f"| {r['workers']} | {r['max_queue_delay_ms']:g} | {r['images_per_s']} | {r['avg_batch_size']} | "
+            f"| {r['workers']} | {r['max_queue_delay_ms']:g} | {r['images_per_s']} | {r['p50_ms']} / {r['p95_ms']} | "
+            f"{r['avg_batch_size']} | "
             f"{r['front_ends_per_batch']} | {r['server_cpu_ms_per_image']} | {r['model_cpu_ms_per_image']} | "
             f"**{r['besides_model_cpu_ms_per_image']}** | **{r['event_loop_cpu_ms_per_image']}** | {host_loop} | "
             f"{r['server_rss_mb']} |"
