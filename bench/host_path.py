@@ -1,6 +1,6 @@
 """Host path: what the server spends per image besides the model, and how much of it is serialised.
 
-    python -m bench.host_path [--concurrency 16] [--seconds 15] [--rounds 3] [--out bench/results]
+    python -m bench.host_path [--concurrency 16] [--seconds 15] [--rounds 3] [--workers 1 2] [--out bench/results]
 
 With a micro Focal (an export whose model costs almost nothing, so the host path is
 what shows), a 1280x960 JPEG posted to /classify:
@@ -224,7 +224,7 @@ def _front_ends_per_batch(server: Any) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
+def run(concurrency: int, seconds: float, rounds: int, workers: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     folder = Path("artifacts") / "bench-host-path-micro"
     manifest = run_export(
         ExportOptions(
@@ -243,14 +243,13 @@ def run(concurrency: int, seconds: float, rounds: int) -> dict[str, Any]:
     # (workers, queue delay): 5 ms is the GPU default (batches form within a window, as they must to feed
     # a GPU), 0 the CPU default (a batch runs as soon as one image waits). One onnxruntime thread, so
     # that model CPU time is work.
-    configs = {"1 worker, 5 ms": (1, 5.0), "2 workers, 5 ms": (2, 5.0), "1 worker, 0 ms": (1, 0.0),
-               "2 workers, 0 ms": (2, 0.0)}  # fmt: skip
+    configs = {f"{n} workers, {delay:g} ms": (n, delay) for delay in (5.0, 0.0) for n in workers}
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in configs}
     decode_ms: list[float] = []
     for _ in range(rounds):  # interleaved, medians: the machine is shared
         decode_ms.append(_tight_loop_ms(preprocess))
-        for key, (workers, delay_ms) in configs.items():
-            runs[key].append(_serve(folder, body, concurrency, seconds, workers, delay_ms))
+        for key, (count, delay_ms) in configs.items():
+            runs[key].append(_serve(folder, body, concurrency, seconds, count, delay_ms))
         print(f"round: decode {decode_ms[-1]:.2f} ms, {[r[-1] for r in runs.values()]}", flush=True)
     crossing = {f"{name} ({nbytes // 1024} KiB)": round(_crossing_ms(nbytes), 3) for name, nbytes in SAMPLES.items()}
     print(f"crossing: {crossing}", flush=True)
@@ -352,9 +351,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="FOCAL_WORKERS values to compare (default: 1 2)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run(args.concurrency, args.seconds, args.rounds)
+    result = run(args.concurrency, args.seconds, args.rounds, tuple(args.workers))
     for path in write_reports(result, args.out):
         print(f"wrote {path}")
     print(args.out.joinpath("host_path.md").read_text())
