@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.models import ModelLoadError
 from service.settings import Settings
-from service.workers import serve_with_workers
+from service.workers import absorb_reraised_stop_signals, serve_with_workers
 
 log = logging.getLogger("focal.service")
 
@@ -63,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         # the batchers then get whatever is left of the same budget (ServiceState.drain_remaining).
         timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)),
     )
-    # uvicorn re-raises the signal that stopped it once it has shut down; with
-    # these no-op handlers in place that re-raise returns, and a graceful
-    # shutdown exits 0 (what process supervisors expect).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    absorb_reraised_stop_signals()
     uvicorn.Server(config).run()
     return 0
 

@@ -2,8 +2,10 @@
 
 Models are checked when the app is created (a bad folder fails at once), then
 loaded and warmed up in the background after start-up, so `/healthz` answers
-and `/readyz` says 503 ("loading") meanwhile. The Open Inference Protocol's gRPC
-server (`service.v2.grpc_service`) runs in the same event loop, on its own port.
+and `/readyz` says 503 ("loading") meanwhile. In a front-end process
+(`FOCAL_WORKERS` > 1) the models run in the model host instead, and the app
+follows them (`service.remote`). The Open Inference Protocol's gRPC server
+(`service.v2.grpc_service`) runs in the same event loop, on its own port.
 On shutdown the gRPC server finishes its calls, then each model drains its queue
 within the drain budget and closes its backend.
 """

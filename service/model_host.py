@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -65,9 +64,7 @@ async def _serve(settings: Settings, socket_path: str, control: Connection) -> i
         planned=check_model_folders(settings.models),
     )
     async with hosting(state, socket_path):
-        drain_s = await _stop_requested(control, settings.drain_timeout_s)
-        state.begin_draining()
-        state.drain_deadline = time.monotonic() + drain_s
+        state.begin_draining(await _stop_requested(control, settings.drain_timeout_s))
     log.info("model host stopped")
     return 0
 

@@ -205,11 +205,10 @@ class RemoteModel(Model):
     """A model served by the model host; its health, info and queue depth follow the host's."""
 
     batcher: RemoteBatcher
+    _info: dict[str, Any]
 
     def __init__(self, checked: ModelFolder, link: HostLink, status: dict[str, Any], health: ModelHealth) -> None:
         super().__init__(checked, health, RemoteBatcher(link, checked.name, status["info"]))
-        self.link = link
-        self._info: dict[str, Any] = status["info"]
         self.update(status)
 
     def update(self, status: dict[str, Any]) -> None:

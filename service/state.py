@@ -42,10 +42,11 @@ class ServiceState:
     draining: bool = False
     drain_deadline: float | None = None
 
-    def begin_draining(self) -> None:
+    def begin_draining(self, budget_s: float | None = None) -> None:
+        """Readiness false from now; queued work gets `budget_s` (default: the drain timeout setting)."""
         if not self.draining:
             self.draining = True
-            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            self.drain_deadline = time.monotonic() + (self.settings.drain_timeout_s if budget_s is None else budget_s)
             log.info("shutdown requested: readiness is now false; finishing queued work")
 
     def drain_remaining(self) -> float:

@@ -68,10 +68,17 @@ class _FrontEndConfig(uvicorn.Config):
 
     def configure_logging(self) -> None:  # uvicorn calls this in every worker before it serves
         super().configure_logging()
-        configure_logging(getattr(self, "log_level_name", "info"))
+        configure_logging(self.log_level_name)
         if multiprocessing.parent_process() is not None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: None)
+            absorb_reraised_stop_signals()
+
+
+def absorb_reraised_stop_signals() -> None:
+    """uvicorn re-raises the signal that stopped it once it has shut down gracefully; with these no-op
+    handlers in place (uvicorn restores them after serving) that re-raise returns, and the process exits
+    0, which is what process supervisors expect."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
 
 
 class _Stop:
@@ -95,9 +102,6 @@ class _Stop:
 
     def _act(self, name: str) -> None:
         log.info("received %s: stopping the front ends, then the model host", name)
-        self.apply()
-
-    def apply(self) -> None:
         if self.supervisor is not None:
             self.supervisor.should_exit.set()
         if self.listener is not None:
