@@ -84,7 +84,7 @@ def run(variant: str, rounds: int, seconds: float) -> dict[str, Any]:
     }
 
     body = sample_jpeg((640, 480))
-    spec = Letterbox.from_manifest(det.preprocess)
+    spec = Letterbox.from_manifest(det)
     letterbox_ms = _median_ms(lambda: spec.to_canvas(decode(body, 10**8, spec.draft_short_side)), 20)
     rows = np.asarray(det_session.run(None, {"pixels": det_in[1]})[0])[0].copy()
     # Random-init scores sit under the 0.05 threshold; give every candidate a score above it

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.canvases import CANVAS_SETS, DEFAULT_CANVAS_SET, parse_canvases, parse_scale
 from export.engine import ENGINE_MODES
 from export.graph_gate import GraphGateError
 from export.options import ExportError, ExportOptions
@@ -26,6 +27,20 @@ def _json_object(text: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return value
+
+
+def _canvases(text: str) -> list[tuple[int, int]]:
+    try:
+        return parse_canvases(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scale(text: str) -> tuple[int, int]:
+    try:
+        return parse_scale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_image_size,
         default=None,
         metavar="N|HxW",
-        help="classify: the input size (default 224); detect: the static canvas images are letterboxed into "
-        "(default 640x640; 800x1344 is the paper's setting)",
+        help="classify: the input size (default 224); a detector has canvases instead (--canvases)",
+    )
+    p.add_argument(
+        "--canvas-set",
+        choices=list(CANVAS_SETS),
+        default=None,
+        help="detect: the canvases of the common photo shapes at mmdetection's test scale: "
+        + ", ".join(f"{name} = {long}x{short}" for name, (long, short) in CANVAS_SETS.items())
+        + f" (default {DEFAULT_CANVAS_SET}; README: Detection)",
+    )
+    p.add_argument(
+        "--canvases",
+        type=_canvases,
+        default=None,
+        metavar="HxW[,HxW...]",
+        help="detect: these canvases instead of a set, e.g. 640x640 for one fixed canvas",
+    )
+    p.add_argument(
+        "--test-scale",
+        type=_scale,
+        default=None,
+        metavar="LONGxSHORT",
+        help="detect, with --canvases: mmdetection's keep-ratio test scale (default: the canvases' longest side "
+        "and longest short side)",
     )
     p.add_argument(
         "--fp16",
@@ -115,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         random_init=args.random_init,
         backbone_weights=args.backbone_weights,
         image_size=args.image_size,
+        canvases=args.canvases,
+        canvas_set=args.canvas_set,
+        test_scale=args.test_scale,
         fp16=args.fp16,
         int8=args.int8,
         uint8_input=args.uint8_input,
@@ -142,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     out = opts.out or opts.default_out()
-    engine = manifest.engine.path if manifest.engine else f"none ({manifest.engine_skipped_reason})"
+    views = manifest.canvas_views()
+    engines = [v.engine.path for v in views if v.engine]
+    engine = ", ".join(engines) if engines else f"none ({manifest.engine_skipped_reason})"
     cpu = f", {manifest.onnx_int8} for CPUs" if manifest.onnx_int8 else ""
-    print(
-        f"exported {manifest.variant} to {out} in {time.perf_counter() - start:.0f} s: {manifest.onnx}{cpu}, "
-        f"engine {engine}"
-    )
+    graphs = manifest.onnx if len(views) == 1 else f"{len(views)} canvases ({', '.join(v.onnx for v in views)})"
+    took = time.perf_counter() - start
+    print(f"exported {manifest.variant} to {out} in {took:.0f} s: {graphs}{cpu}, engine {engine}")
     return 0
 
 

@@ -22,8 +22,30 @@ from pathlib import Path
 from export import tensorrt_engine
 from manifest import MANIFEST_NAME, Engine, Manifest, ManifestError, read_manifest, sha256_file
 
-ENGINE = "model.engine"
+ENGINE = "model.engine"  # of an export with one input size (`engine_name`)
 ENGINE_MODES = ("auto", "required", "skip")
+
+
+def engine_name(manifest: Manifest) -> str:
+    """The engine file of a manifest's graph: `model.engine`, or `model.480x640.engine` for one canvas of several."""
+    return manifest.onnx_fp32.removesuffix(".fp32.onnx") + ".engine"
+
+
+def ensure_engines(
+    folder: Path,
+    manifest: Manifest,
+    mode: str,
+    workspace_gib: float = 4.0,
+    timing_cache: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """`ensure_engine` for each input size of the export (one engine per canvas of a detector)."""
+    views = manifest.canvas_views()
+    for view in views:
+        if len(views) > 1:
+            log(f"canvas {view.input_size[0]}x{view.input_size[1]}:")
+        ensure_engine(folder, view, mode, workspace_gib, timing_cache, log)
+        manifest.keep_canvas(view)
 
 
 def ensure_engine(
@@ -36,10 +58,12 @@ def ensure_engine(
 ) -> None:
     """Make `manifest` (of `folder`) describe a usable engine, or say why there is none. Raises EngineError."""
 
+    path = engine_name(manifest)
+
     def skip(reason: str) -> None:
         manifest.engine, manifest.engine_skipped_reason = None, reason
-        (folder / ENGINE).unlink(missing_ok=True)  # never leave an engine the manifest does not describe
-        manifest.sha256.pop(ENGINE, None)
+        (folder / path).unlink(missing_ok=True)  # never leave an engine the manifest does not describe
+        manifest.sha256.pop(path, None)
         log(f"skipped: {reason}")
 
     if mode == "skip":
@@ -75,7 +99,7 @@ def ensure_engine(
     details = tensorrt_engine.build_engine(
         fp32_onnx=folder / manifest.onnx_fp32,
         fp16_onnx=folder / manifest.onnx if fp16 else None,
-        engine_path=folder / ENGINE,
+        engine_path=folder / path,
         input_name=manifest.input.name,
         input_shape=(3, *manifest.input_size),
         batch=(batch.min, batch.opt, batch.max),
@@ -83,10 +107,10 @@ def ensure_engine(
         timing_cache=timing_cache,
         log=log,
     )
-    manifest.engine = Engine.model_validate({**target, **details, "path": ENGINE})
+    manifest.engine = Engine.model_validate({**target, **details, "path": path})
     manifest.engine_skipped_reason = None
-    manifest.sha256[ENGINE] = sha256_file(folder / ENGINE)
-    log(f"built {ENGINE} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")
+    manifest.sha256[path] = sha256_file(folder / path)
+    log(f"built {path} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")
 
 
 def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) -> None:
@@ -103,7 +127,8 @@ def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) 
         return
     target.mkdir(parents=True, exist_ok=True)
     (target / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest goes last: never one over half-copied files
-    (target / ENGINE).unlink(missing_ok=True)
+    for view in manifest.canvas_views():
+        (target / engine_name(view)).unlink(missing_ok=True)
     for name in names:
         shutil.copyfile(source / name, target / name)
     shutil.copyfile(source / MANIFEST_NAME, target / MANIFEST_NAME)
@@ -122,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.source is not None:
             copy_export(args.source, args.model)
         manifest = read_manifest(args.model)
-        ensure_engine(args.model, manifest, args.engine, args.workspace_gib, args.timing_cache)
+        ensure_engines(args.model, manifest, args.engine, args.workspace_gib, args.timing_cache)
         manifest.write(args.model)
     except (tensorrt_engine.EngineError, ManifestError, OSError) as exc:
         print(f"engine build failed: {exc}", file=sys.stderr)

@@ -26,7 +26,10 @@ class ExportOptions:
     pretrained: bool = False
     random_init: bool = False
     backbone_weights: Path | None = None
-    image_size: tuple[int, int] | None = None  # None: the task's default
+    image_size: tuple[int, int] | None = None  # None: the task's default (a classifier's input)
+    canvases: list[tuple[int, int]] | None = None  # a detector's canvases (None: a canvas set)
+    canvas_set: str | None = None  # a named set of canvases (`export.canvases`; None: the default)
+    test_scale: tuple[int, int] | None = None  # (long, short) of a detector's keep-ratio resize
     fp16: bool = False
     int8: bool = False  # also a dynamically quantized int8 graph, which CPU serving then prefers
     uint8_input: bool | None = None  # the graphs take uint8 pixels and normalise them (None: the task's default)
@@ -58,8 +61,14 @@ class ExportOptions:
         return self.hooks.no_uint8_reason is None if self.uint8_input is None else self.uint8_input
 
     @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The input sizes to export a graph for (a detector's canvases, largest first)."""
+        return self.hooks.input_sizes(self)
+
+    @property
     def size(self) -> tuple[int, int]:
-        return self.image_size or self.hooks.default_size
+        """The first (largest) input size: the manifest's own."""
+        return self.sizes[0]
 
     @property
     def batch(self) -> tuple[int, int, int]:
@@ -82,9 +91,10 @@ class ExportOptions:
         return [self.weights is not None, self.pretrained, self.random_init, self.backbone_weights is not None]
 
     def default_out(self) -> Path:
-        h, w = self.size
+        sizes = self.sizes
+        shape = f"{sizes[0][0]}x{sizes[0][1]}" if len(sizes) == 1 else f"canvases-{self.canvas_set or 'custom'}"
         suffix = ("-int8" if self.int8 else "") + ("-random-init" if self.random_init else "")
-        return Path("artifacts") / f"{get_variant(self.variant).name}-{self.task}-{h}x{w}-{self.precision}{suffix}"
+        return Path("artifacts") / f"{get_variant(self.variant).name}-{self.task}-{shape}-{self.precision}{suffix}"
 
     def validate(self) -> None:
         """The checks every task shares, then the task's own (`ExportTask.check`)."""

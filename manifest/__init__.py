@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION: Final = 2  # 2: typed; `engine` holds the engine's path and build facts (was a path + `engine_info`)
 
+# What each canvas of a detector has of its own (`DetectManifest.canvases`, `canvas_views`).
+_PER_CANVAS = ("onnx", "onnx_fp32", "input", "outputs", "graph", "verification", "engine", "engine_skipped_reason")
+
 WeightsKind = Literal["file", "pretrained", "random-init"]
 RANDOM_INIT: WeightsKind = "random-init"
 
@@ -93,12 +96,29 @@ class CropPreprocess(_Normalised):
     interpolation: Literal["bicubic"] = "bicubic"
 
 
+def keep_ratio_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of an image after mmdetection's keep-ratio `Resize(scale=(long, short))`: the
+    largest factor that keeps the long side within `long` and the short side within `short`, each
+    side rounded as `int(side * factor + 0.5)` (at least 1)."""
+    long, short = scale
+    factor = min(long / max(width, height), short / min(width, height))
+    return max(int(width * factor + 0.5), 1), max(int(height * factor + 0.5), 1)
+
+
 class LetterboxPreprocess(_Normalised):
-    """Detection: aspect kept, fitted inside a static canvas, padded bottom/right (mmdetection's test transform)."""
+    """Detection: mmdetection's test transform. The image is resized keeping its aspect ratio
+    (`keep_ratio_size` at `test_scale`) and placed top left on the smallest of the export's canvases
+    that holds it, padded bottom/right. An image that no canvas holds at that size is fitted, smaller,
+    into the canvas where it can be largest."""
 
     resize: Literal["letterbox"] = "letterbox"
     canvas: tuple[int, int] = Field(description="(height, width)")
-    scale: str = "min(canvas_h / image_h, canvas_w / image_w); resized side = int(side * scale + 0.5)"
+    test_scale: tuple[int, int] | None = Field(
+        None,
+        description="(long, short) side limits of the keep-ratio resize; absent: the canvases' longest side and "
+        "longest short side",
+    )
+    scale: str = "min(long / image_long, short / image_short); resized side = int(side * factor + 0.5)"
     pad: str = "bottom and right, value 0 after normalisation"
     interpolation: Literal["bilinear"] = "bilinear"
     normalise: Literal["host"] = "host"  # no uint8 pad colour normalises to 0: the host normalises
@@ -151,6 +171,21 @@ class DetectionPostprocess(_Strict):
     max_detections: int
 
 
+class CanvasGraphs(_Strict):
+    """A detector's graphs for one more canvas (`DetectManifest.canvases`): what differs from the first."""
+
+    canvas: tuple[int, int] = Field(description="(height, width)")
+    onnx: str
+    onnx_fp32: str
+    input: TensorSpec
+    outputs: list[TensorSpec] = Field(min_length=1, max_length=1)
+    graph: GraphInfo
+    levels: list[DetectionLevel]
+    verification: dict[str, dict[str, Any]]
+    engine: Engine | None = None
+    engine_skipped_reason: str | None = None
+
+
 class Detection(_Strict):
     """Everything needed to read a detector's output rows and finish its post-processing."""
 
@@ -184,6 +219,9 @@ class _ManifestBase(_Strict):
     onnx_int8: str | None = Field(
         None, description="the int8 graph a CPU runs instead of fp32: there only when the export was asked (--int8)"
     )
+    onnx_data: str | None = Field(
+        None, description="the external-data file the graphs keep their weights in, shared (absent: inside each)"
+    )
     labels: str
     input: TensorSpec
     outputs: list[TensorSpec] = Field(min_length=1, max_length=1)
@@ -212,19 +250,42 @@ class _ManifestBase(_Strict):
 
     @property
     def onnx_names(self) -> list[str]:
-        return sorted({self.onnx, self.onnx_fp32} | ({self.onnx_int8} if self.onnx_int8 else set()))
+        """Every ONNX file the export serves, and the file of weights they share (if any)."""
+        names = {self.onnx_int8} if self.onnx_int8 else set()
+        for view in self.canvas_views():
+            names |= {view.onnx, view.onnx_fp32}
+        return sorted(names | ({self.onnx_data} if self.onnx_data else set()))
+
+    def canvas_views(self) -> list[Any]:
+        """One manifest per input size the export serves, each as if it were the only one (a detector
+        may have several canvases; see `DetectManifest.canvases`). The first is this manifest's own."""
+        return [self]
+
+    def keep_canvas(self, view: Any) -> None:
+        """Store what was changed in one of `canvas_views()` (its engine) back into this manifest."""
+        if view is not self:
+            for name in _PER_CANVAS:
+                setattr(self, name, getattr(view, name))
 
     def write(self, folder: Path) -> Path:
         """Atomically: a reader never sees half a manifest."""
         path = folder / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        # Fields at their old meaning are left out (no --int8; normalised on the host), so readers of
-        # format 2 from before them still read the file.
+        # Fields at their old meaning are left out (no --int8; normalised on the host; one canvas), so
+        # readers of format 2 from before them still read the file.
         exclude: dict[str, Any] = {}
         if self.onnx_int8 is None:
             exclude["onnx_int8"] = True
-        if getattr(self, "preprocess").normalise == "host":  # noqa: B009
-            exclude["preprocess"] = {"normalise"}
+        preprocess = getattr(self, "preprocess")  # noqa: B009
+        exclude_preprocess = {"normalise"} if preprocess.normalise == "host" else set()
+        if getattr(preprocess, "test_scale", 0) is None:
+            exclude_preprocess.add("test_scale")
+        if exclude_preprocess:
+            exclude["preprocess"] = exclude_preprocess
+        if not getattr(self, "canvases", True):  # one canvas: as before canvases existed
+            exclude["canvases"] = True
+        if self.onnx_data is None:
+            exclude["onnx_data"] = True
         tmp.write_text(self.model_dump_json(indent=2, exclude=exclude or None) + "\n")
         tmp.replace(path)
         return path
@@ -243,9 +304,57 @@ class ClassifyManifest(_ManifestBase):
 
 
 class DetectManifest(_ManifestBase):
+    """The top-level graph fields, `preprocess.canvas` and `detection` describe the first canvas (the
+    largest); `canvases` lists the others, each with its own graphs and engine (`canvas_views`)."""
+
     task: Literal["detect"] = "detect"
     preprocess: LetterboxPreprocess
     detection: Detection
+    canvases: list[CanvasGraphs] = Field(default_factory=list, description="the export's further canvases")
+
+    @property
+    def canvas_sizes(self) -> list[tuple[int, int]]:
+        return [self.preprocess.canvas, *(c.canvas for c in self.canvases)]
+
+    @property
+    def test_scale(self) -> tuple[int, int]:
+        """(long, short) limits of the keep-ratio resize (`keep_ratio_size`)."""
+        sizes = self.canvas_sizes
+        return self.preprocess.test_scale or (max(max(s) for s in sizes), max(min(s) for s in sizes))
+
+    def canvas_views(self) -> list[Any]:
+        return [self.model_copy(update={"canvases": []}), *(self._view(c) for c in self.canvases)]
+
+    def _view(self, graphs: CanvasGraphs) -> DetectManifest:
+        return self.model_copy(
+            update={
+                **{name: getattr(graphs, name) for name in _PER_CANVAS},
+                "input_size": graphs.canvas,
+                "preprocess": self.preprocess.model_copy(update={"canvas": graphs.canvas}),
+                "detection": self.detection.model_copy(update={"canvas": graphs.canvas, "levels": graphs.levels}),
+                "canvases": [],
+            }
+        )
+
+    def keep_canvas(self, view: Any) -> None:
+        if tuple(view.input_size) == tuple(self.input_size):
+            super().keep_canvas(view)
+            return
+        for graphs in self.canvases:
+            if tuple(graphs.canvas) == tuple(view.input_size):
+                for name in _PER_CANVAS:
+                    setattr(graphs, name, getattr(view, name))
+                return
+        raise KeyError(f"no canvas {view.input_size} in this manifest")
+
+    @model_validator(mode="after")
+    def _canvases_differ(self) -> DetectManifest:
+        sizes = [tuple(s) for s in self.canvas_sizes]
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"canvases listed twice: {sizes}")
+        if tuple(self.detection.canvas) != tuple(self.preprocess.canvas):
+            raise ValueError("detection.canvas and preprocess.canvas differ")
+        return self
 
 
 Manifest = ClassifyManifest | DetectManifest

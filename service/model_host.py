@@ -156,9 +156,9 @@ class ModelHost:
             with self.state.model_named(str(header["model"])).lease() as leased:
                 model = cast(ServedModel, leased)  # the host's models run here
                 spec = model.manifest.input
-                if sample.shape != spec.sample_shape or sample.dtype.name != spec.dtype:
+                if tuple(sample.shape) not in model.input_shapes or sample.dtype.name != spec.dtype:
                     raise errors.BadRequest(f"a {sample.dtype} {list(sample.shape)} sample; {model.name} takes "
-                                            f"{spec.dtype} {list(spec.sample_shape)}")  # fmt: skip
+                                            f"{spec.dtype} {' or '.join(map(str, model.input_shapes))}")  # fmt: skip
                 row = await model.batcher.submit(sample, float(header["timeout"]), source)
         except (QueueFull, Draining, DeadlineExceeded, BackendError) as exc:
             write_message(writer, {**answer, "error": type(exc).__name__, "message": str(exc)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -124,7 +125,7 @@ class _BatchEvents:
         self.metrics, self.model = metrics, model
 
     def queue_depth(self, depth: int) -> None:
-        self.metrics.queue_depth(depth)
+        self.metrics.queue_depth(sum(b.queue_depth for b in self.model.batchers))  # every canvas's queue
 
     def batch_done(
         self, size: int, queue_waits: list[float], seconds: float, error: str | None, sources: int = 1
@@ -154,6 +155,33 @@ class Batcher(Protocol):
     async def submit(self, sample: np.ndarray, timeout_s: float) -> np.ndarray: ...
 
 
+class ShapeRouter:
+    """The `Batcher` of a model with several input shapes (a detector's canvases): one batcher per
+    shape, each sample to the batcher of its shape, so every batch holds one canvas."""
+
+    def __init__(self, batchers: dict[tuple[int, ...], DynamicBatcher]) -> None:
+        self.batchers = batchers
+        first = next(iter(batchers.values()))
+        self.max_batch_size, self.max_queue_delay_s = first.max_batch_size, first.max_queue_delay_s
+
+    @property
+    def alive(self) -> bool:
+        return all(b.alive for b in self.batchers.values())
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(b.queue_depth for b in self.batchers.values())
+
+    def busy_for(self) -> float:
+        return max(b.busy_for() for b in self.batchers.values())
+
+    async def submit(self, sample: np.ndarray, timeout_s: float, source: str = "") -> np.ndarray:
+        batcher = self.batchers.get(tuple(sample.shape))
+        if batcher is None:  # the protocols check shapes first: this is a caller's bug
+            raise ValueError(f"no input of shape {list(sample.shape)}; the model takes {list(self.batchers)}")
+        return await batcher.submit(sample, timeout_s, source)
+
+
 class Model:
     """What requests use of a served model, wherever it runs: its manifest, labels, task and transform,
     its health and its batcher. `ServedModel` runs here; `service.remote.RemoteModel` in the model host."""
@@ -164,6 +192,9 @@ class Model:
         self.task: ServiceTask = TASKS[checked.manifest.task]
         self.transform: Transform = self.task.transform(checked.manifest)
         self.health, self.batcher = health, batcher
+        # One manifest per input size (a detector's canvases), as if each were the only one.
+        self.views: list[Manifest] = checked.manifest.canvas_views()
+        self.input_shapes = [tuple(view.input.sample_shape) for view in self.views]
         self.warmup_seconds: float | None = None
         self.leases = 0  # requests using this model now (a replaced model closes when the last one ends)
 
@@ -190,25 +221,43 @@ class Model:
 
 
 class ServedModel(Model):
-    """A model whose backend and batcher run in this process."""
+    """A model whose backends and batchers run in this process: one of each per input size."""
 
-    batcher: DynamicBatcher
+    batcher: DynamicBatcher | ShapeRouter
 
     def __init__(
-        self, checked: ModelFolder, backend: Backend, settings: Settings, metrics: Metrics, health: ModelHealth
+        self,
+        checked: ModelFolder,
+        backends: list[Backend],
+        settings: Settings,
+        metrics: Metrics,
+        health: ModelHealth,
     ) -> None:
-        batcher = DynamicBatcher(
-            backend.infer,
-            max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
-            max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
-            max_queue_size=settings.max_queue_size,
-            observer=_BatchEvents(metrics.observer(checked.name), self),
-            name=checked.name,
-        )
-        super().__init__(checked, health, batcher)
-        self.backend, self.settings, self.metrics = backend, settings, metrics
+        observer = _BatchEvents(metrics.observer(checked.name), self)
+        self.batchers = [
+            DynamicBatcher(
+                backend.infer,
+                max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
+                max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
+                max_queue_size=settings.max_queue_size,
+                observer=observer,
+                name=checked.name if len(backends) == 1 else f"{checked.name}-{i}",
+            )
+            for i, backend in enumerate(backends)
+        ]
+        views = checked.manifest.canvas_views()
+        router: dict[tuple[int, ...], DynamicBatcher] = {
+            tuple(v.input.sample_shape): b for v, b in zip(views, self.batchers, strict=True)
+        }
+        super().__init__(checked, health, self.batchers[0] if len(self.batchers) == 1 else ShapeRouter(router))
+        self.backends, self.settings, self.metrics = backends, settings, metrics
         self._probing: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def backend(self) -> Backend:
+        """The first input size's backend (every size's runs the same way)."""
+        return self.backends[0]
 
     @classmethod
     def load(
@@ -219,12 +268,21 @@ class ServedModel(Model):
         health: ModelHealth,
         backends: BackendLoader | None = None,
     ) -> ServedModel:
-        """Build the backend (slow: run it off the event loop)."""
-        return cls(checked, (backends or default_backend)(checked, settings), settings, metrics, health)
+        """Build a backend per input size (slow: run it off the event loop)."""
+        loader = backends or default_backend
+        built: list[Backend] = []
+        try:
+            for view in checked.manifest.canvas_views():
+                built.append(loader(dataclasses.replace(checked, manifest=view), settings))
+        except BaseException:
+            for backend in built:
+                backend.close()
+            raise
+        return cls(checked, built, settings, metrics, health)
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
-        return {
+        facts = {
             "name": self.name,
             "version": self.version,
             "variant": m.variant,
@@ -242,11 +300,16 @@ class ServedModel(Model):
             "weights_role": m.weights_role,
             "random_init": m.random_init,
         }
+        if m.task == "detect":
+            facts["canvases"] = [list(c) for c in m.canvas_sizes]
+        return facts
 
-    def synthetic_batch(self, size: int) -> np.ndarray:
-        """The mean image in the input's shape and type (warm-up and probes): zeros after normalisation,
-        or the mean colour's uint8 pixels for a graph that normalises."""
-        spec, preprocess = self.manifest.input, self.manifest.preprocess
+    def synthetic_batch(self, size: int, view: Manifest | None = None) -> np.ndarray:
+        """The mean image in the input's shape and type (warm-up and probes; `view`: one input size's
+        manifest, default the first): zeros after normalisation, or the mean colour's uint8 pixels for a
+        graph that normalises."""
+        view = view or self.manifest
+        spec, preprocess = view.input, view.preprocess
         if spec.dtype != "uint8":
             return np.zeros((size, *spec.sample_shape), dtype=np.float32)
         colour = np.round(np.asarray(preprocess.mean) * 255).astype(np.uint8).reshape(3, 1, 1)
@@ -254,17 +317,21 @@ class ServedModel(Model):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def warm_up(self) -> None:
-        """Run the batch sizes the batcher will produce most (1, the profile's opt, the max) once each."""
+        """Run the batch sizes the batcher will produce most (1, the profile's opt, the max) once each,
+        at every input size."""
         self.health.warming_up()
         top = self.batcher.max_batch_size
         sizes = sorted({1, min(self.manifest.batch.opt, top), top})
         start = time.perf_counter()
-        for size in sizes:  # on the batch thread, so close() sees a warm-up still running
-            await self.batcher.run_alone(self.synthetic_batch(size))
+        for view, batcher in zip(self.views, self.batchers, strict=True):
+            for size in sizes:  # on the batch thread, so close() sees a warm-up still running
+                await batcher.run_alone(self.synthetic_batch(size, view))
         self.warmup_seconds = time.perf_counter() - start
-        self.batcher.start()
+        for batcher in self.batchers:
+            batcher.start()
         self.health.warmed_up()
-        log.info("warmed up %s at batch sizes %s in %.1f s", self.name, sizes, self.warmup_seconds)
+        shapes = f" at {len(self.views)} canvases" if len(self.views) > 1 else ""
+        log.info("warmed up %s at batch sizes %s%s in %.1f s", self.name, sizes, shapes, self.warmup_seconds)
 
     def batch_done(self, error: str | None) -> None:
         if self._closing:
@@ -301,7 +368,8 @@ class ServedModel(Model):
         """Close a model that new requests no longer reach (replaced or unloaded): wait for the
         requests that hold it (up to the timeout), then `close`."""
         end = time.monotonic() + drain_timeout_s
-        self.batcher.closed_reason = f"{self.name} version {self.version} was replaced or unloaded; retry"
+        for batcher in self.batchers:
+            batcher.closed_reason = f"{self.name} version {self.version} was replaced or unloaded; retry"
         while self.leases and time.monotonic() < end:
             await asyncio.sleep(0.01)
         if self.leases:
@@ -312,19 +380,22 @@ class ServedModel(Model):
         log.info("closed %s version %s", self.name, self.version)
 
     async def close(self, drain_timeout_s: float) -> None:
-        """Finish queued work (up to the timeout), stop the batcher and the probes, free the backend."""
-        if not await self.batcher.drain(drain_timeout_s):
+        """Finish queued work (up to the timeout), stop the batchers and the probes, free the backends."""
+        drained = await asyncio.gather(*(batcher.drain(drain_timeout_s) for batcher in self.batchers))
+        if not all(drained):
             log.warning("%s: queued work not finished within the drain timeout", self.name)
         self._closing = True  # from here no batch outcome starts a probe
-        await self.batcher.stop()
+        for batcher in self.batchers:
+            await batcher.stop()
         if self._probing is not None:
             self._probing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probing
-        if self.batcher.backend_running:  # a warm-up or a stuck call still uses it: freeing it could crash
-            log.warning("%s: a batch is still running; its backend is left to the process exit", self.name)
-        else:
-            self.backend.close()
+        for batcher, backend in zip(self.batchers, self.backends, strict=True):
+            if batcher.backend_running:  # a warm-up or a stuck call still uses it: freeing it could crash
+                log.warning("%s: a batch is still running; its backend is left to the process exit", self.name)
+            else:
+                backend.close()
 
 
 def health_policy(settings: Settings) -> HealthPolicy:

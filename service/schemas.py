@@ -11,7 +11,10 @@ class ModelInfo(BaseModel):
     version: str
     variant: str
     task: str
-    input_size: list[int]
+    input_size: list[int] = Field(description="[height, width] of the model input (a detector: its largest canvas)")
+    canvases: list[list[int]] | None = Field(
+        None, description="a detector: every canvas [height, width] it routes images to (README: Detection)"
+    )
     num_classes: int
     precision: str
     backend: str

@@ -94,7 +94,7 @@ def detect_export(tmp_path_factory: pytest.TempPathFactory) -> DetectExport:
         variant="focal_tiny",
         task="detect",
         weights=checkpoint,
-        image_size=DETECT_CANVAS,
+        canvases=[DETECT_CANVAS],
         fp16=True,
         model_kwargs=micro_kwargs(),
         out=folder / "export",

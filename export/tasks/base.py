@@ -31,10 +31,19 @@ class ExportTask(ABC):
     name: str
     default_size: tuple[int, int]  # (height, width)
     default_batch: tuple[int, int]  # (opt, max) of the TensorRT profile
+    whole_model_role: str  # `load_weights`' role for a state dict of the whole model
     # Why --int8 is not offered for this task; None where it is (the task implements verify_int8).
     no_int8_reason: str | None = "its int8 verification is not written yet"
     # Why the graphs cannot take uint8 pixels for this task (None: they do, by default; `export.uint8`).
     no_uint8_reason: str | None = None
+
+    def input_sizes(self, opts: ExportOptions) -> list[tuple[int, int]]:
+        """The input sizes to export a graph for, the manifest's own first."""
+        return [opts.image_size or self.default_size]
+
+    def test_scale(self, opts: ExportOptions) -> tuple[int, int] | None:
+        """A detector's keep-ratio resize limits (long, short), recorded in the manifest; None elsewhere."""
+        return None
 
     @abstractmethod
     def check(self, opts: ExportOptions) -> None:
@@ -79,8 +88,14 @@ class ExportTask(ABC):
         raise NotImplementedError(self.no_int8_reason)
 
     @abstractmethod
-    def manifest(self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any]) -> Manifest:
+    def manifest(
+        self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any], opts: ExportOptions
+    ) -> Manifest:
         """The manifest: the task-independent `fields`, plus the task's outputs, preprocess and section."""
+
+    def add_canvas(self, first: Manifest, other: Manifest) -> None:
+        """Record `other` (the manifest of one more input size's graphs) in `first` (a task with several)."""
+        raise NotImplementedError(f"a {self.name} export has one input size")
 
     @abstractmethod
     def summary(self, report: dict[str, Any]) -> str:

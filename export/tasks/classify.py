@@ -45,6 +45,7 @@ class ClassifyTask(ExportTask):
     name = "classify"
     default_size = (224, 224)
     default_batch = (8, 32)
+    whole_model_role = "classifier"
     no_int8_reason = None
 
     def check(self, opts: ExportOptions) -> None:
@@ -138,7 +139,9 @@ class ClassifyTask(ExportTask):
             f"top-1 agreement {report['top1_agreement']:.0%}{kept}"
         )
 
-    def manifest(self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any]) -> ClassifyManifest:
+    def manifest(
+        self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any], opts: ExportOptions
+    ) -> ClassifyManifest:
         h, w = size
         return ClassifyManifest(
             **fields,

@@ -28,6 +28,7 @@ import onnx
 import torch
 from torch import nn
 
+from export import canvases
 from export.onnx_export import export_onnx, keep_outputs
 from export.options import ExportError, ExportOptions, read_label_file
 from export.tasks.base import IMAGENET_MEAN, IMAGENET_STD, ExportTask, Graphs
@@ -49,7 +50,7 @@ from focal.detection import (
     load_detection_checkpoint,
 )
 from focal.labels import coco_labels
-from manifest import Detection, DetectManifest, LetterboxPreprocess, TensorSpec
+from manifest import CanvasGraphs, Detection, DetectManifest, LetterboxPreprocess, Manifest, TensorSpec
 
 OUTPUT = "detections"
 MIN_SELECTION_AGREEMENT = 0.99
@@ -59,22 +60,47 @@ class DetectTask(ExportTask):
     name = "detect"
     default_size = (640, 640)
     default_batch = (2, 8)  # a 640x640 detector costs ~16x a 224 classifier per image
+    whole_model_role = "detector"
     no_int8_reason = "a detector's quantized outputs have no verification bound yet (classifiers have one)"
     no_uint8_reason = (
         "the letterbox pads with the colour that normalises to zero (ImageNet mean x 255 = 123.675, 116.28, "
         "103.53), which no uint8 value is, so uint8 input would change what the model sees near the padding"
     )
 
+    def input_sizes(self, opts: ExportOptions) -> list[tuple[int, int]]:
+        if opts.canvases:
+            return canvases.order(opts.canvases)
+        return canvases.canvas_set(canvases.CANVAS_SETS[opts.canvas_set or canvases.DEFAULT_CANVAS_SET])
+
+    def test_scale(self, opts: ExportOptions) -> tuple[int, int] | None:
+        """The keep-ratio resize's (long, short) the manifest records (None: derived from the canvases)."""
+        if opts.canvases:
+            return opts.test_scale
+        return canvases.CANVAS_SETS[opts.canvas_set or canvases.DEFAULT_CANVAS_SET]
+
     def check(self, opts: ExportOptions) -> None:
+        if opts.image_size is not None:
+            raise ExportError(
+                "--image-size is a classifier's input; a detector's input sizes are its canvases: "
+                "--canvases HxW[,HxW...] or --canvas-set " + "|".join(canvases.CANVAS_SETS)
+            )
+        if opts.canvases is not None and opts.canvas_set is not None:
+            raise ExportError("give --canvases or --canvas-set, not both")
+        if opts.canvas_set is not None and opts.canvas_set not in canvases.CANVAS_SETS:
+            raise ExportError(f"--canvas-set {opts.canvas_set!r}: one of {', '.join(canvases.CANVAS_SETS)}")
+        if opts.test_scale is not None and not opts.canvases:
+            raise ExportError("--test-scale goes with --canvases (a --canvas-set has its own scale)")
+        if opts.canvases is not None and not opts.canvases:
+            raise ExportError("--canvases: give at least one HxW")
         if not any(opts.weights_given):
             raise ExportError(
                 "--task detect needs weights: --weights (an mmdetection RetinaNet checkpoint), "
                 "--backbone-weights or --pretrained (an ImageNet backbone; FPN and head untrained), "
                 "or --random-init (no official detection checkpoints exist)"
             )
-        h, w = opts.size
-        if h % 32 or w % 32 or min(h, w) < 64:
-            raise ExportError(f"--image-size {h}x{w}: a detection canvas needs sides that are multiples of 32")
+        for h, w in opts.sizes:
+            if h % canvases.STRIDE or w % canvases.STRIDE or min(h, w) < 64:
+                raise ExportError(f"canvas {h}x{w}: a detection canvas needs sides that are multiples of 32, >= 64")
         if "num_classes" in opts.model_kwargs:
             raise ExportError(
                 "--model-kwargs num_classes: a detector takes its classes from its checkpoint or --labels"
@@ -174,13 +200,29 @@ class DetectTask(ExportTask):
             f"candidate scores {report['score_max_abs_diff']:.2e}, same candidates {report['selection_agreement']:.1%}"
         )
 
-    def manifest(self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any]) -> DetectManifest:
+    def manifest(
+        self, model: nn.Module, size: tuple[int, int], fields: dict[str, Any], opts: ExportOptions
+    ) -> DetectManifest:
         assert isinstance(model, FocalRetinaNet)
         return DetectManifest(
             **fields,
             outputs=[TensorSpec(name=OUTPUT, dtype="float32", shape=["batch", model.num_candidates, 6])],
-            preprocess=LetterboxPreprocess(canvas=size, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            preprocess=LetterboxPreprocess(
+                canvas=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, test_scale=self.test_scale(opts)
+            ),
             detection=Detection.model_validate(model.describe()),
+        )
+
+    def add_canvas(self, first: Manifest, other: Manifest) -> None:
+        assert isinstance(first, DetectManifest)
+        assert isinstance(other, DetectManifest)
+        first.canvases.append(
+            CanvasGraphs(
+                canvas=other.input_size,
+                levels=other.detection.levels,
+                **{name: getattr(other, name) for name in ("onnx", "onnx_fp32", "input", "outputs", "graph")},
+                verification=other.verification,
+            )
         )
 
 

@@ -13,8 +13,8 @@ export hooks in `export/tasks/` and its manifest section in `manifest/`.
 from __future__ import annotations
 
 from service.tasks import classify, detect
-from service.tasks.base import Placed, ProtocolOutputs, ServiceTask, TensorMeta, Transform
+from service.tasks.base import ModelInput, Placed, ProtocolOutputs, ServiceTask, TensorMeta, Transform
 
 TASKS: dict[str, ServiceTask] = {task.name: task for task in (classify.TASK, detect.TASK)}
 
-__all__ = ["TASKS", "Placed", "ProtocolOutputs", "ServiceTask", "TensorMeta", "Transform"]
+__all__ = ["TASKS", "ModelInput", "Placed", "ProtocolOutputs", "ServiceTask", "TensorMeta", "Transform"]

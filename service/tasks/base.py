@@ -23,6 +23,13 @@ class Placed(Protocol):
     def pixels(self) -> np.ndarray: ...  # the model input of one image: float32 normalised, or uint8 pixels
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """A sample a request sent as the model input itself (the Open Inference Protocol's tensor input)."""
+
+    pixels: np.ndarray
+
+
 class Transform(Protocol):
     """Image -> model input, built from the manifest's preprocess block."""
 
@@ -58,9 +65,9 @@ class ProtocolOutputs(Protocol):
         """The request's task parameters, checked before anything runs (`errors.InvalidParameter`)."""
         ...
 
-    def finish(self, model: Model, row: np.ndarray, placed: Placed | None, parameters: Any) -> dict[str, np.ndarray]:
-        """One image's model output -> its value of every output (without the batch axis). `placed` is
-        None when the request sent the model input itself (no image to map results back to)."""
+    def finish(self, model: Model, row: np.ndarray, placed: Placed, parameters: Any) -> dict[str, np.ndarray]:
+        """One image's model output -> its value of every output (without the batch axis). `placed` is a
+        `ModelInput` when the request sent the model input itself (no image to map results back to)."""
         ...
 
 

@@ -141,7 +141,7 @@ class ClassifyOutputs:
     def parameters(self, model: Model, parameters: Mapping[str, Any]) -> None:
         return None
 
-    def finish(self, model: Model, row: np.ndarray, placed: Placed | None, parameters: Any) -> dict[str, np.ndarray]:
+    def finish(self, model: Model, row: np.ndarray, placed: Placed, parameters: Any) -> dict[str, np.ndarray]:
         logits = np.asarray(row, dtype=np.float32)
         return {"logits": logits, "probabilities": softmax(logits.astype(np.float64)).astype(np.float32)}
 

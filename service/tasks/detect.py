@@ -28,7 +28,7 @@ from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from manifest import DetectionPostprocess, LetterboxPreprocess, Manifest
+from manifest import DetectionPostprocess, DetectManifest, Manifest, keep_ratio_size
 from service import errors
 from service.api import State, image_route, run_images
 from service.inference import off_loop
@@ -44,7 +44,7 @@ DEFAULT_SCORE_THRESHOLD = 0.3  # what a request that names none keeps (the expor
 
 @dataclass(frozen=True)
 class Letterboxed:
-    pixels: np.ndarray  # float32 [3, H, W] canvas
+    pixels: np.ndarray  # float32 [3, H, W]: the canvas the image was routed to
     image_size: tuple[int, int]  # original (width, height)
     resized: tuple[int, int]  # (width, height) of the image inside the canvas
     scale: tuple[float, float]  # (resized width / width, resized height / height)
@@ -52,38 +52,62 @@ class Letterboxed:
 
 @dataclass(frozen=True)
 class Letterbox:
-    canvas: tuple[int, int]  # (height, width)
+    """mmdetection's test transform onto the export's canvases (`manifest.LetterboxPreprocess`)."""
+
+    canvases: tuple[tuple[int, int], ...]  # (height, width) each
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    test_scale: tuple[int, int] | None = None  # (long, short); None: the canvases' longest side and short side
 
     @classmethod
-    def from_manifest(cls, spec: LetterboxPreprocess) -> Letterbox:
-        return cls(spec.canvas, spec.mean, spec.std)
+    def from_manifest(cls, manifest: DetectManifest) -> Letterbox:
+        spec = manifest.preprocess
+        return cls(tuple(manifest.canvas_sizes), spec.mean, spec.std, manifest.test_scale)
+
+    @property
+    def scale_limits(self) -> tuple[int, int]:
+        return self.test_scale or (max(max(c) for c in self.canvases), max(min(c) for c in self.canvases))
 
     @property
     def draft_short_side(self) -> int:
         """JPEG draft target: a short side this long always covers the resized image."""
-        return min(self.canvas)
+        return max(min(c) for c in self.canvases)
 
-    def fit(self, width: int, height: int) -> tuple[int, int]:
+    def route(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(canvas (height, width), resized (width, height)) for an image.
+
+        The image is resized as mmdetection would (`keep_ratio_size` at the test scale) and goes to the
+        smallest canvas that holds it: its pad-to-32 size, mmdetection's own input, whenever that is a
+        canvas. When none holds it, it is fitted (aspect kept, smaller than mmdetection would make it)
+        into the canvas where it comes out largest, the smallest of those on a tie."""
+        w, h = keep_ratio_size(width, height, self.scale_limits)
+        holding = [c for c in self.canvases if h <= c[0] and w <= c[1]]
+        if holding:
+            return min(holding, key=lambda c: (c[0] * c[1], c)), (w, h)
+        fits = [(self.fit(c, width, height), c) for c in self.canvases]
+        (w, h), canvas = max(fits, key=lambda f: (f[0][0] * f[0][1], -f[1][0] * f[1][1]))
+        return canvas, (w, h)
+
+    @staticmethod
+    def fit(canvas: tuple[int, int], width: int, height: int) -> tuple[int, int]:
         """(width, height) an image is resized to: aspect kept, inside the canvas, rounded as mmdetection does."""
-        scale = min(self.canvas[0] / height, self.canvas[1] / width)
+        scale = min(canvas[0] / height, canvas[1] / width)
         return (
-            min(max(int(width * scale + 0.5), 1), self.canvas[1]),
-            min(max(int(height * scale + 0.5), 1), self.canvas[0]),
+            min(max(int(width * scale + 0.5), 1), canvas[1]),
+            min(max(int(height * scale + 0.5), 1), canvas[0]),
         )
 
     def to_canvas(self, image: Image.Image, full_size: tuple[int, int] | None = None) -> Letterboxed:
-        """RGB image -> the normalised canvas with the image at the top left, and the scale back.
+        """RGB image -> its normalised canvas with the image at the top left, and the scale back.
 
         `full_size`: the image's real (width, height) when `image` was decoded at a reduced
         (JPEG draft) scale; sizes and scales refer to it, as if the full image had been resized."""
         width, height = full_size or image.size
-        new_w, new_h = self.fit(width, height)
+        canvas_size, (new_w, new_h) = self.route(width, height)
         resized = resize_linear(np.asarray(image), (new_w, new_h))
         pixels = resized.astype(np.float32) / np.float32(255.0)
         normalised = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        canvas = np.zeros((3, *self.canvas), dtype=np.float32)
+        canvas = np.zeros((3, *canvas_size), dtype=np.float32)
         canvas[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
         return Letterboxed(canvas, (width, height), (new_w, new_h), (new_w / width, new_h / height))
 
@@ -203,9 +227,9 @@ def postprocess(
 
 
 def _transform(manifest: Manifest) -> Letterbox:
-    if not isinstance(manifest.preprocess, LetterboxPreprocess):
+    if not isinstance(manifest, DetectManifest):
         raise TypeError(f"a detector needs a letterbox preprocess, not {manifest.preprocess.resize}")
-    return Letterbox.from_manifest(manifest.preprocess)
+    return Letterbox.from_manifest(manifest)
 
 
 class Detection(BaseModel):
@@ -218,6 +242,8 @@ class Detection(BaseModel):
 class DetectResult(BaseModel):
     detections: list[Detection] = Field(description="best first, after class-aware NMS")
     image_size: list[int] = Field(description="[width, height] of the image the boxes refer to")
+    canvas: list[int] = Field(description="[height, width] of the canvas the image was resized onto and run at")
+    resized: list[int] = Field(description="[width, height] of the image inside the canvas (the rest is padding)")
 
 
 class DetectResponse(BaseModel):
@@ -257,6 +283,8 @@ async def detect(
                     for x1, y1, x2, y2, score, c in found
                 ],
                 "image_size": list(image.image_size),
+                "canvas": list(image.pixels.shape[1:]),
+                "resized": list(image.resized),
             }
 
         results = await off_loop(state, finish, list(zip(outputs, placed, strict=True)))
@@ -295,14 +323,13 @@ class DetectOutputs:
             raise errors.InvalidParameter(f"max_detections: must be an integer from 1 to {most}")
         return _Limits(float(threshold), limit)
 
-    def finish(self, model: Model, row: np.ndarray, placed: Placed | None, parameters: Any) -> dict[str, np.ndarray]:
+    def finish(self, model: Model, row: np.ndarray, placed: Placed, parameters: Any) -> dict[str, np.ndarray]:
         assert model.manifest.task == "detect"
         assert isinstance(parameters, _Limits)
         settings = model.manifest.detection.postprocess
-        if placed is None:  # the canvas itself: boxes stay in canvas pixels
-            height, width = model.manifest.preprocess.canvas
+        if not isinstance(placed, Letterboxed):  # a canvas sent as the model input: boxes stay in its pixels
+            height, width = placed.pixels.shape[-2:]
             placed = Letterboxed(np.empty(0, np.float32), (width, height), (width, height), (1.0, 1.0))
-        assert isinstance(placed, Letterboxed)
         found = postprocess(row, placed, settings, parameters.score_threshold, parameters.max_detections)
         detections = np.zeros((settings.max_detections, 6), dtype=np.float32)
         if found:

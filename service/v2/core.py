@@ -17,7 +17,7 @@ The outputs are the task's (`ServiceTask.protocol`): a classifier's `logits` and
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from service import errors, inference
 from service.state import ServiceState
-from service.tasks import Placed, TensorMeta
+from service.tasks import ModelInput, Placed, TensorMeta
 from service.v2.tensors import BYTES
 
 if TYPE_CHECKING:
@@ -81,8 +81,11 @@ INPUT_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}  # ma
 
 def model_inputs(model: Model) -> list[TensorMeta]:
     spec = model.manifest.input
+    # Several input sizes (a detector's canvases): any height and width, checked against them in `_one_input`.
+    shapes = model.input_shapes
+    shape = [-1, *shapes[0]] if len(shapes) == 1 else [-1, shapes[0][0], -1, -1]
     return [
-        TensorMeta(spec.name, INPUT_DATATYPES[spec.dtype], [-1, *spec.sample_shape]),
+        TensorMeta(spec.name, INPUT_DATATYPES[spec.dtype], shape),
         TensorMeta(IMAGE_INPUT, BYTES, [-1]),
     ]
 
@@ -117,20 +120,20 @@ async def infer(
     parameters = protocol.parameters(model, request.parameters)
     tensor = _one_input(model, request.inputs)
     inference.admit(state, model)
-    placed: list[Placed] | None = None
+    placed: Sequence[Placed]
     if tensor.name == IMAGE_INPUT:
         blobs = [bytes(b) for b in tensor.array.reshape(-1)]
         inference.check_image_count(state, len(blobs))
         placed = await inference.prepare(state, model, blobs)
-        samples = [p.pixels for p in placed]
     else:
         inference.check_image_count(state, len(tensor.array))
-        samples = list(tensor.array.astype(model.manifest.input.dtype, copy=False))
+        placed = [ModelInput(s) for s in tensor.array.astype(model.manifest.input.dtype, copy=False)]
+    samples = [p.pixels for p in placed]
     deadlines = [t for t in (timeout_s, request.timeout_s) if t is not None]
     rows = await inference.infer(state, model, samples, min(deadlines) if deadlines else None, gone)
 
     def finish(i: int) -> dict[str, np.ndarray]:
-        return protocol.finish(model, rows[i], None if placed is None else placed[i], parameters)
+        return protocol.finish(model, rows[i], placed[i], parameters)
 
     if protocol.finish_blocks:
         per_image = await inference.off_loop(state, finish, range(len(rows)))
@@ -153,4 +156,7 @@ def _one_input(model: Model, inputs: list[InputTensor]) -> InputTensor:
     shape = list(tensor.array.shape)
     if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
         raise errors.BadRequest(f"input {tensor.name!r} has shape {shape}; {model.name} takes {spec.shape}")
+    if tensor.name != IMAGE_INPUT and tuple(shape[1:]) not in model.input_shapes:
+        sizes = ", ".join(f"{s[-2]}x{s[-1]}" for s in model.input_shapes)
+        raise errors.BadRequest(f"input {tensor.name!r} has shape {shape}; {model.name}'s canvases are {sizes}")
     return tensor

@@ -90,7 +90,7 @@ def test_a_classification_checkpoint_given_as_detector_weights_is_refused_clearl
         variant="focal_tiny",
         task="detect",
         weights=path,
-        image_size=(64, 64),
+        canvases=[(64, 64)],
         model_kwargs=micro_kwargs(),
         out=tmp_path / "out",
     )

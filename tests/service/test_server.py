@@ -178,7 +178,7 @@ def test_open_inference_protocol_clients_match_the_own_api(
         # The detector's canvas as an FP32 tensor (the service's own letterbox, done here): the same
         # detections in canvas pixels. A square image fills the canvas, so both clip boxes alike.
         square = encode(photo((640, 640), seed=5), "JPEG", quality=90)
-        letterbox = Letterbox.from_manifest(detect_export.manifest.preprocess)
+        letterbox = Letterbox.from_manifest(detect_export.manifest)
         image, size = decode_with_size(square, 10**8, letterbox.draft_short_side)
         placed = letterbox.to_canvas(image, size)
         scale = placed.scale[0]

@@ -86,7 +86,7 @@ async def test_one_batch_holds_images_from_several_front_ends(tmp_path: Path) ->
             backend.hold = threading.Event()
             post = {"content": JPEG, "headers": {"Content-Type": "image/jpeg"}}
             busy = asyncio.ensure_future(first.post("/classify", **post))
-            await until(lambda: served(host).batcher.backend_running)
+            await until(lambda: served(host).batchers[0].backend_running)
             waiting = [asyncio.ensure_future(client.post("/classify", **post)) for client in (first, second, second)]
             await until(lambda: served(host).batcher.queue_depth == 3)
             backend.hold.set()
@@ -106,7 +106,7 @@ async def test_the_hosts_errors_get_the_same_answers(tmp_path: Path) -> None:
         backend.hold = threading.Event()
         post = {"content": JPEG, "headers": {"Content-Type": "image/jpeg"}}
         running = asyncio.ensure_future(client.post("/classify", **post))
-        await until(lambda: served(host).batcher.backend_running)
+        await until(lambda: served(host).batchers[0].backend_running)
         queued = asyncio.ensure_future(client.post("/classify", **post))
         await until(lambda: served(host).batcher.queue_depth == 1)
         refused = await client.post("/classify", **post)
@@ -171,7 +171,7 @@ async def test_a_caller_that_goes_away_leaves_the_hosts_queue(tmp_path: Path) ->
         batcher = RemoteBatcher(link, "focal_tiny", served(host).info())
         sample = np.zeros((3, 32, 32), np.float32)
         running = asyncio.ensure_future(batcher.submit(sample, 10.0))
-        await until(lambda: served(host).batcher.backend_running)
+        await until(lambda: served(host).batchers[0].backend_running)
         queued = asyncio.ensure_future(batcher.submit(sample, 10.0))
         await until(lambda: served(host).batcher.queue_depth == 1)
         queued.cancel()
@@ -193,7 +193,7 @@ async def test_the_front_end_refuses_model_changes_and_a_wrong_sample(tmp_path: 
         link = HostLink(str(tmp_path / "host.sock"))
         await link.connect()
         wrong = RemoteBatcher(link, "focal_tiny", served(host).info())
-        with pytest.raises(Exception, match=r"takes float32 \[3, 32, 32\]") as caught:
+        with pytest.raises(Exception, match=r"takes float32 \(3, 32, 32\)") as caught:
             await wrong.submit(np.zeros((3, 8, 8), np.float32), 5.0)
         assert getattr(caught.value, "status", None) == 400
         with pytest.raises(Exception, match="not loaded") as missing:
