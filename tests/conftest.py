@@ -13,6 +13,7 @@ import torch
 from export.options import ExportOptions
 from export.pipeline import run_export
 from manifest import ClassifyManifest, DetectManifest
+from focal.detection import FocalRetinaNet
 from tests.support import CLASSIFIER_KEYS, micro_kwargs
 
 # Apps made in tests (and the servers they start) open no gRPC port unless a test asks for one:
@@ -96,6 +97,53 @@ def detect_export(tmp_path_factory: pytest.TempPathFactory) -> DetectExport:
         weights=checkpoint,
         canvases=[DETECT_CANVAS],
         fp16=True,
+        model_kwargs=micro_kwargs(),
+        out=folder / "export",
+    )
+    manifest = run_export(opts, log=lines.append)
+    assert isinstance(manifest, DetectManifest)
+    return DetectExport(folder / "export", "\n".join(lines), manifest, checkpoint)
+
+
+# The canvas-bucket detector: canvases whose pad-to-32 sizes mmdetection feeds the model at this test scale.
+BUCKET_SCALE = (288, 224)
+BUCKET_CANVASES = [(224, 224), (224, 288), (288, 224)]
+
+
+def bucket_detector(canvas: tuple[int, int]) -> FocalRetinaNet:
+    """The micro detector of `bucket_export` (3 classes) at a canvas, randomly initialised."""
+    from focal import get_variant
+    from focal.detection import RetinaNetConfig
+
+    config = get_variant("focal_tiny").config(**micro_kwargs(), img_size=canvas, features_only=True)
+    return FocalRetinaNet(config, RetinaNetConfig(num_classes=3)).eval()
+
+
+@pytest.fixture(scope="session")
+def bucket_export(tmp_path_factory: pytest.TempPathFactory) -> DetectExport:
+    """A micro Focal-RetinaNet with 3 classes and random weights whose class logits spread widely (so
+    scores far above 0.05 differ well beyond the export's rounding), saved as an mmdetection checkpoint
+    and exported with three canvases at test scale 288x224 (fp32)."""
+    folder = tmp_path_factory.mktemp("bucket_detector")
+    torch.manual_seed(3)
+    model = bucket_detector(BUCKET_CANVASES[0])
+    head = model.bbox_head
+    with torch.no_grad():
+        head.retina_cls.weight.mul_(40.0)
+        head.retina_cls.bias.fill_(-2.0)  # type: ignore[union-attr]
+        head.retina_reg.weight.mul_(5.0)
+    checkpoint = folder / "retinanet_buckets.pth"
+    torch.save({"meta": {"note": "random, for tests"}, "state_dict": model.state_dict()}, checkpoint)
+    labels = folder / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    lines: list[str] = []
+    opts = ExportOptions(
+        variant="focal_tiny",
+        task="detect",
+        weights=checkpoint,
+        canvases=BUCKET_CANVASES,
+        test_scale=BUCKET_SCALE,
+        labels=labels,
         model_kwargs=micro_kwargs(),
         out=folder / "export",
     )

@@ -27,6 +27,7 @@ from PIL import Image
 from manifest import (
     Anchors,
     BatchProfile,
+    CanvasGraphs,
     ClassifyManifest,
     CropPreprocess,
     Detection,
@@ -211,12 +212,34 @@ def classify_manifest(
     )
 
 
-def detect_manifest(num_classes: int = 3, canvas: tuple[int, int] = (64, 64), rows: int = 20) -> DetectManifest:
+def detect_manifest(
+    num_classes: int = 3,
+    canvas: tuple[int, int] = (64, 64),
+    rows: int = 20,
+    more_canvases: tuple[tuple[int, int], ...] = (),
+    test_scale: tuple[int, int] | None = None,
+) -> DetectManifest:
+    """A detector's manifest; with `more_canvases`, one that holds graphs for those canvases too."""
     output = TensorSpec(name="detections", dtype="float32", shape=["batch", rows, 6])
+    common = _common(num_classes, canvas, (1, 2, 4), output)
+    canvases = [
+        CanvasGraphs(
+            canvas=(h, w),
+            onnx=f"model.{h}x{w}.fp32.onnx",
+            onnx_fp32=f"model.{h}x{w}.fp32.onnx",
+            input=TensorSpec(name="pixels", dtype="float32", shape=["batch", 3, h, w]),
+            outputs=[output],
+            graph=common["graph"],
+            levels=[DetectionLevel(name="P3", stride=8, size=(h // 8, w // 8), candidates=rows)],
+            verification={},
+        )
+        for h, w in more_canvases
+    ]
     return DetectManifest(
-        **_common(num_classes, canvas, (1, 2, 4), output),
+        **common,
+        canvases=canvases,
         weights_role="detector",
-        preprocess=LetterboxPreprocess(canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        preprocess=LetterboxPreprocess(canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD, test_scale=test_scale),
         detection=Detection(
             output_columns=["x1", "y1", "x2", "y2", "score", "class_id"],
             coordinates="canvas pixels",

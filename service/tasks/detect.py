@@ -4,9 +4,10 @@ The export's graph gives, per image, rows of (x1, y1, x2, y2, score, class_id) i
 canvas pixels: the top candidates of each pyramid level (`manifest.Detection`).
 What is left is mmdetection's test procedure, here:
 
-- `Letterbox.to_canvas`: the image is scaled, keeping its aspect ratio, to fit inside
-  the static canvas (mmdetection's rounding and its OpenCV bilinear resize),
-  normalised, and padded bottom/right with zeros (the mean colour).
+- `Letterbox.to_canvas`: the image is resized keeping its aspect ratio, as mmdetection
+  does at the export's test scale (its rounding, and OpenCV's bilinear resize bit for bit),
+  routed to the smallest of the export's canvases that holds it, normalised, and padded
+  bottom/right with zeros (the mean colour).
 - `postprocess`: boxes clipped to the resized image inside the canvas (mmdetection's
   `img_shape`), scores at or below the threshold dropped, boxes left with no width or
   height by the clipping dropped (they lie in the padding), greedy NMS per class (a box
@@ -121,36 +122,46 @@ class Letterbox:
         return clipped
 
 
-def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per output index along one axis: the two source indices and the weight of the second."""
-    position = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
+def _linear_taps(source: int, target: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index along one axis, as OpenCV computes them: the two source indices and their
+    weights in 11-bit fixed point (summing to 2048). Positions are float32 from a double scale; `clamp`
+    (the horizontal axis) repeats the edge pixel with weight 2048 outside the image, while the vertical
+    axis keeps the fraction and clamps only the row indices."""
+    scale = 1.0 / (target / source)
+    position = ((np.arange(target, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
     first = np.floor(position).astype(np.int64)
-    weight = position - first
-    outside = (first < 0) | (first >= source - 1)  # at the edges the nearest pixel is repeated
-    first = np.clip(first, 0, source - 1)
-    weight[outside] = 0.0
-    return first, np.minimum(first + 1, source - 1), weight.astype(np.float32)
+    fraction = (position - first.astype(np.float32)).astype(np.float32)
+    if clamp:
+        outside = (first < 0) | (first >= source - 1)
+        fraction[outside] = 0
+        first = np.where(first < 0, 0, np.minimum(first, source - 1))
+    second_weight = np.rint(fraction * np.float32(_ONE)).astype(np.int32)
+    first_weight = np.rint((np.float32(1) - fraction) * np.float32(_ONE)).astype(np.int32)
+    return np.clip(first, 0, source - 1), np.clip(first + 1, 0, source - 1), first_weight, second_weight
+
+
+_ONE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE
 
 
 def resize_linear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W, C] -> uint8 [height, width, C] = `size` (width, height), as OpenCV's INTER_LINEAR.
+    """uint8 [H, W, C] -> uint8 [height, width, C] = `size` (width, height), bit-exact with OpenCV's
+    `cv2.resize(..., interpolation=cv2.INTER_LINEAR)`, which mmdetection resizes with.
 
-    That is what mmdetection resizes with: pixel centres at +0.5, edges clamped, and no
-    smoothing when shrinking (Pillow's bilinear averages over the shrink factor, so a
-    detector trained with mmdetection would see other pixel values). Agrees with
-    OpenCV to within one level (OpenCV uses 11-bit fixed-point weights)."""
+    Pixel centres at +0.5, edges repeated, no smoothing when shrinking (Pillow's bilinear averages
+    over the shrink factor, so a detector trained with mmdetection would see other pixel values), and
+    OpenCV's fixed-point arithmetic: a horizontal pass with 11-bit weights, then a vertical one on the
+    values shifted right by 4, each product's high 16 bits, and a rounding shift by 2."""
     if (pixels.shape[1], pixels.shape[0]) == tuple(size):
         return pixels
-    y0, y1, wy = _linear_taps(pixels.shape[0], size[1])
-    x0, x1, wx = _linear_taps(pixels.shape[1], size[0])
-    # The four neighbours of each output pixel, picked as uint8: memory follows the output size only.
-    rows0, rows1 = y0[:, None], y1[:, None]
-    a, b = pixels[rows0, x0].astype(np.float32), pixels[rows0, x1].astype(np.float32)
-    c, d = pixels[rows1, x0].astype(np.float32), pixels[rows1, x1].astype(np.float32)
-    weight_x = wx[None, :, None]
-    top, bottom = a + (b - a) * weight_x, c + (d - c) * weight_x  # horizontal first, as OpenCV
-    out = top + (bottom - top) * wy[:, None, None]
-    result: np.ndarray = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    y0, y1, wy0, wy1 = _linear_taps(pixels.shape[0], size[1], clamp=False)
+    x0, x1, wx0, wx1 = _linear_taps(pixels.shape[1], size[0], clamp=True)
+
+    def horizontal(rows: np.ndarray) -> np.ndarray:  # only the rows the output needs: memory follows its size
+        picked = pixels[rows]
+        return (picked[:, x0].astype(np.int32) * wx0[:, None] + picked[:, x1].astype(np.int32) * wx1[:, None]) >> 4
+
+    out = ((horizontal(y0) * wy0[:, None, None]) >> 16) + ((horizontal(y1) * wy1[:, None, None]) >> 16)
+    result: np.ndarray = np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
     return result
 
 

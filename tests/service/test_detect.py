@@ -16,7 +16,8 @@ from manifest import DetectionPostprocess
 from service.app import create_app
 from service.settings import Settings
 from service.tasks.detect import Letterbox, Letterboxed, nms, postprocess, resize_linear
-from tests.conftest import DETECT_CANVAS, HORSE, HORSE_ANCHOR, DetectExport
+from export.canvases import canvas_set, mmdetection_input
+from tests.conftest import BUCKET_SCALE, DETECT_CANVAS, bucket_detector, HORSE, HORSE_ANCHOR, DetectExport
 from tests.support import (
     JPEG,
     FakeBackend,
@@ -36,17 +37,18 @@ pytestmark = pytest.mark.anyio
 @pytest.mark.parametrize(
     ("source", "target"),
     [((480, 640), (427, 320)), ((1080, 1920), (640, 360)), ((100, 37), (320, 865)), ((1, 4000), (1, 320)),
-     ((3, 5), (640, 384)), ((701, 1399), (320, 160)), ((480, 640), (640, 480))],
+     ((3, 5), (640, 384)), ((701, 1399), (320, 160)), ((480, 640), (640, 480)), ((480, 640), (320, 240)),
+     ((201, 300), (288, 193)), ((3024, 4032), (640, 480))],
 )  # fmt: skip
-def test_letterbox_resize_is_opencv_bilinear(source: tuple[int, int], target: tuple[int, int]) -> None:
-    """mmdetection resizes with cv2.INTER_LINEAR (no smoothing when shrinking): within one level of it."""
+def test_letterbox_resize_is_opencv_bilinear_bit_for_bit(source: tuple[int, int], target: tuple[int, int]) -> None:
+    """mmdetection resizes with cv2.INTER_LINEAR (no smoothing when shrinking, fixed-point weights):
+    the same pixel values, up and down, at the edges and for sizes that do not divide."""
     import cv2
 
-    pixels = np.random.default_rng(0).integers(0, 256, (*source, 3), dtype=np.uint8)
-    expected = cv2.resize(pixels, target, interpolation=cv2.INTER_LINEAR).reshape(target[1], target[0], 3)
-    got = resize_linear(pixels, target)
-    assert got.shape == expected.shape
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    rng = np.random.default_rng(sum(source) + sum(target))
+    for pixels in (rng.integers(0, 256, (*source, 3), dtype=np.uint8), np.asarray(photo(source[::-1]))):
+        expected = cv2.resize(pixels, target, interpolation=cv2.INTER_LINEAR).reshape(target[1], target[0], 3)
+        np.testing.assert_array_equal(resize_linear(pixels, target), expected)
 
 
 def test_letterbox_places_the_image_top_left_and_pads_with_the_mean() -> None:
@@ -230,3 +232,117 @@ async def test_constructed_detector_boxes_come_back_in_original_pixels(detect_ex
     assert [r["image_size"] for r in several.json()["results"]] == [[121, 200], [1400, 700]]
     assert all(len(r["detections"]) == 7 for r in several.json()["results"])
     assert nothing.json()["results"][0]["detections"] == []
+
+
+# -- canvas buckets: routing, and mmdetection's predict on the same checkpoint ---------------------------
+def test_the_640_set_routes_common_photos_to_mmdetections_own_input_size() -> None:
+    """At scale 640x640 mmdetection feeds a 4:3 photo as 480x640, a 16:9 one as 384x640 (360 padded to
+    32), ...: each lands on exactly that canvas, resized as mmdetection resizes it."""
+    spec = Letterbox(canvases=tuple(canvas_set((640, 640))), mean=(0.5,) * 3, std=(0.5,) * 3, test_scale=(640, 640))
+    cases = {  # (width, height) -> (canvas (h, w), resized (w, h)), by hand
+        (4032, 3024): ((480, 640), (640, 480)),
+        (3024, 4032): ((640, 480), (480, 640)),
+        (1920, 1080): ((384, 640), (640, 360)),
+        (1080, 1920): ((640, 384), (360, 640)),
+        (6000, 4000): ((448, 640), (640, 427)),
+        (1080, 1080): ((640, 640), (640, 640)),
+        (100, 50): ((384, 640), (640, 320)),  # upscaled, as mmdetection does; no 320x640 canvas: the next
+        (5000, 1000): ((384, 640), (640, 128)),  # 5:1 has no canvas of its own: the smallest that holds it
+    }
+    for (width, height), expected in cases.items():
+        assert spec.route(width, height) == expected, (width, height)
+
+
+def test_an_image_no_canvas_holds_is_fitted_where_it_comes_out_largest() -> None:
+    """At the paper's scale a 1.7:1 image resizes to 1333x784, which neither 768x1344 nor 800x1216 holds:
+    it is fitted into 800x1344 (the canvas that holds any landscape image) when the set has it, and
+    otherwise shrunk into the canvas where it stays largest."""
+    paper = canvas_set((1333, 800))
+    spec = Letterbox(canvases=tuple(paper), mean=(0.5,) * 3, std=(0.5,) * 3, test_scale=(1333, 800))
+    assert spec.route(1700, 1000) == ((800, 1344), (1333, 784))
+    without = tuple(c for c in paper if c not in ((800, 1344), (1344, 800)))
+    spec = Letterbox(canvases=without, mean=(0.5,) * 3, std=(0.5,) * 3, test_scale=(1333, 800))
+    # 768x1344: fitted to 1306x768 (1.0M px); 800x1216: 1216x715 (0.87M px).
+    assert spec.route(1700, 1000) == ((768, 1344), (1306, 768))
+
+
+def mmdetection_predict(model: Any, image: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarray, dict[str, int]]:
+    """mmdetection 3.x's RetinaNet `predict`, written out from its documented test pipeline and config:
+    `Resize(scale, keep_ratio=True)` (cv2 bilinear), normalise, pad to a multiple of 32 with 0; the head;
+    per level the scores above `score_thr` 0.05, the best `nms_pre` 1000 of them, decoded (DeltaXYWH, means
+    0, stds 1, wh_ratio_clip 16/1000) and clipped to the resized image; all levels rescaled to the
+    original image, boxes of width or height <= `min_bbox_size` 0 dropped, class-aware NMS at IoU 0.5,
+    the best 100. Returns rows (x1, y1, x2, y2, score, class) and counts of what was dropped where."""
+    import cv2
+    import torch
+
+    height, width = image.shape[:2]
+    factor = min(scale[0] / max(width, height), scale[1] / min(width, height))
+    new_w, new_h = int(width * factor + 0.5), int(height * factor + 0.5)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    normalised = (resized - np.asarray([123.675, 116.28, 103.53])) / np.asarray([58.395, 57.12, 57.375])
+    padded = np.zeros((-(-new_h // 32) * 32, -(-new_w // 32) * 32, 3), np.float32)
+    padded[:new_h, :new_w] = normalised
+    assert tuple(padded.shape[:2]) == model.canvas
+    with torch.inference_mode():
+        raw = model.forward_raw(torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()))
+    found, flat = [], 0
+    for (logits, deltas), size, stride in zip(raw, model.level_sizes, [8, 16, 32, 64, 128], strict=True):
+        scores = 1 / (1 + np.exp(-logits[0].double().numpy()))  # [anchors, classes]
+        anchors = reference_anchors(size, stride)
+        anchor_ids, class_ids = np.nonzero(scores > 0.05)
+        kept = scores[anchor_ids, class_ids]
+        order = np.argsort(-kept, kind="stable")[:1000]
+        for a, c, score in zip(anchor_ids[order], class_ids[order], kept[order], strict=True):
+            (x1, y1, x2, y2), (dx, dy, dw, dh) = anchors[a], deltas[0, a].double().numpy()
+            w, h = x2 - x1, y2 - y1
+            cx, cy = (x1 + x2) / 2 + dx * w, (y1 + y2) / 2 + dy * h
+            limit = abs(np.log(16 / 1000))
+            w, h = w * np.exp(np.clip(dw, -limit, limit)), h * np.exp(np.clip(dh, -limit, limit))
+            box = np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, [new_w, new_h, new_w, new_h])
+            sx, sy = new_w / width, new_h / height
+            found.append([*(box / np.asarray([sx, sy, sx, sy])), score, c])
+    rows = np.asarray(found)
+    solid = (rows[:, 2] - rows[:, 0] > 0) & (rows[:, 3] - rows[:, 1] > 0)
+    flat = int((~solid).sum())
+    rows = rows[solid]
+    keep = reference_nms(rows[:, :4], rows[:, 4], rows[:, 5], 0.5, 100)
+    return rows[keep], {"candidates": len(found), "flat": flat}
+
+
+async def test_detections_equal_mmdetections_predict_where_the_canvas_is_its_input_size(
+    bucket_export: DetectExport,
+) -> None:
+    """Images whose mmdetection input (resized at 288x224, padded to 32) is one of the export's canvases:
+    a 300x201 photo (288x193 in a 224x288 canvas: 31 rows of padding, where candidates clip to flat boxes),
+    its portrait twin, and a square one. /detect, on the real export through onnxruntime, returns the same
+    detections as `mmdetection_predict` on the checkpoint: the same set, boxes within 0.01 px, scores
+    within 1e-4. A 16:9 photo (mmdetection's 192x288 is no canvas) goes to the 224x288 canvas at the
+    same resized size."""
+    from focal.checkpoint import read_state_dict
+    from focal.detection import load_detection_checkpoint
+
+    state = read_state_dict(bucket_export.checkpoint)
+    cases = [((300, 201), (224, 288)), ((201, 300), (288, 224)), ((250, 250), (224, 224)), ((320, 180), (224, 288))]
+    async with running_app(create_app(Settings(models=[bucket_export.folder]))) as client:
+        for (width, height), canvas in cases:
+            image = photo((width, height), seed=width + height)
+            response = await client.post(
+                "/detect?score_threshold=0.05", content=encode(image, "PNG"), headers={"Content-Type": "image/png"}
+            )
+            assert response.status_code == 200, response.text
+            result = response.json()["results"][0]
+            assert result["canvas"] == list(canvas)
+            if canvas != mmdetection_input(width, height, BUCKET_SCALE):
+                assert result["resized"] == [288, 162]  # mmdetection's resize; more padding than its 192 rows
+                continue
+            model = bucket_detector(canvas)
+            load_detection_checkpoint(model, state)
+            expected, counts = mmdetection_predict(model.eval(), np.asarray(image), BUCKET_SCALE)
+            got = np.asarray([[*d["box"], d["score"], d["class_id"]] for d in result["detections"]])
+            assert len(got) == len(expected) == 100, (canvas, counts)
+            np.testing.assert_array_equal(got[:, 5], expected[:, 5])
+            np.testing.assert_allclose(got[:, 4], expected[:, 4], atol=1e-4)
+            np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=0.01)
+            if canvas == (224, 288):
+                assert counts["flat"] > 0, counts  # the padding case: flat boxes were there to drop
