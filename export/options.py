@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from export.canvases import DEFAULT_CANVAS_SET
 from export.engine import ENGINE_MODES
 from focal import get_variant
 
@@ -92,7 +93,8 @@ class ExportOptions:
 
     def default_out(self) -> Path:
         sizes = self.sizes
-        shape = f"{sizes[0][0]}x{sizes[0][1]}" if len(sizes) == 1 else f"canvases-{self.canvas_set or 'custom'}"
+        named = self.canvas_set or ("custom" if self.canvases else DEFAULT_CANVAS_SET)
+        shape = f"{sizes[0][0]}x{sizes[0][1]}" if len(sizes) == 1 else f"canvases-{named}"
         suffix = ("-int8" if self.int8 else "") + ("-random-init" if self.random_init else "")
         return Path("artifacts") / f"{get_variant(self.variant).name}-{self.task}-{shape}-{self.precision}{suffix}"
 

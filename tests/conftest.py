@@ -12,8 +12,8 @@ import torch
 
 from export.options import ExportOptions
 from export.pipeline import run_export
-from manifest import ClassifyManifest, DetectManifest
 from focal.detection import FocalRetinaNet
+from manifest import ClassifyManifest, DetectManifest
 from tests.support import CLASSIFIER_KEYS, micro_kwargs
 
 # Apps made in tests (and the servers they start) open no gRPC port unless a test asks for one:

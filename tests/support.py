@@ -274,13 +274,14 @@ def model_folder(folder: Path, manifest: Manifest) -> Path:
 class FakeBackend:
     """Stands in for a model: `outputs(batch)` computes the output rows. It can be slowed
     (`delay_s`), held until released (`hold`), or made to fail (`failing`), and it records the
-    batch sizes it saw and whether it was closed."""
+    batch sizes and sample shapes it saw and whether it was closed."""
 
     name, device, precision = "fake", "cpu", "fp32"
 
     def __init__(self, outputs: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 4) -> None:
         self.outputs, self.max_batch_size = outputs, max_batch_size
         self.sizes: list[int] = []
+        self.shapes: set[tuple[int, ...]] = set()  # of the samples it saw
         self.delay_s = 0.0
         self.failing: str | None = None
         self.hold: threading.Event | None = None
@@ -289,6 +290,7 @@ class FakeBackend:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         assert not self.closed, "infer after close"
         self.sizes.append(len(batch))
+        self.shapes.add(tuple(batch.shape[1:]))
         if self.hold is not None:
             self.hold.wait(10)
         time.sleep(self.delay_s)

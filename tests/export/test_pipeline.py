@@ -233,7 +233,12 @@ def test_pretrained_offline_fails_clearly_naming_weights(
     ("args", "message"),
     [
         (["--task", "detect"], "--task detect needs weights"),
-        (["--task", "detect", "--random-init", "--image-size", "300"], "sides that are multiples of 32"),
+        (["--task", "detect", "--random-init", "--canvases", "300x320"], "sides that are multiples of 32"),
+        (["--task", "detect", "--random-init", "--image-size", "320"], "a detector's input sizes are its canvases"),
+        (["--task", "detect", "--random-init", "--canvases", "320x320", "--canvas-set", "640"], "not both"),
+        (["--task", "detect", "--random-init", "--test-scale", "640x480"], "goes with --canvases"),
+        (["--task", "detect", "--random-init", "--canvases", "320"], "'320' is not HxW"),
+        (["--task", "detect", "--random-init", "--test-scale", "480x640"], "LONGxSHORT"),
         (["--task", "detect", "--random-init", "--model-kwargs", '{"num_classes": 3}'], "from its checkpoint"),
         (["--backbone-weights", "x.pth"], "--backbone-weights is for --task detect"),
         (["--random-init", "--min-batch", "2"], "--min-batch must be 1"),

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from export.canvases import canvas_set, mmdetection_input
 from focal.anchors import level_sizes
 from manifest import DetectionPostprocess
 from service.app import create_app
 from service.settings import Settings
 from service.tasks.detect import Letterbox, Letterboxed, nms, postprocess, resize_linear
-from export.canvases import canvas_set, mmdetection_input
-from tests.conftest import BUCKET_SCALE, DETECT_CANVAS, bucket_detector, HORSE, HORSE_ANCHOR, DetectExport
+from tests.conftest import BUCKET_SCALE, DETECT_CANVAS, HORSE, HORSE_ANCHOR, DetectExport, bucket_detector
 from tests.support import (
     JPEG,
     FakeBackend,
@@ -346,3 +346,48 @@ async def test_detections_equal_mmdetections_predict_where_the_canvas_is_its_inp
             np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=0.01)
             if canvas == (224, 288):
                 assert counts["flat"] > 0, counts  # the padding case: flat boxes were there to drop
+
+
+async def test_each_canvas_has_its_own_batches_and_the_response_says_which(tmp_path: Path) -> None:
+    """Two canvases, 64x96 and 96x64 (test scale 96x64): a wide image goes to the first, a tall one to the
+    second, each canvas's samples to its own backend (a batch never mixes canvases), and the response,
+    /v1/models and the Open Inference Protocol say which canvases there are."""
+    manifest = detect_manifest(canvas=(64, 96), more_canvases=((96, 64),))
+    folder = model_folder(tmp_path, manifest)
+    backends: list[FakeBackend] = []
+
+    def rows(batch: np.ndarray) -> np.ndarray:
+        out = _rows(batch)
+        out[:, 1] = [40, 70, 80, 90, 0.6, 2]  # inside a 96x64 canvas once clipped; below a 64x96 one (flat)
+        return out
+
+    def loader(*_: Any) -> FakeBackend:
+        backends.append(FakeBackend(rows))
+        return backends[-1]
+
+    wide, tall = encode(photo((256, 128)), "PNG"), encode(photo((128, 256)), "PNG")
+    files = [("image", ("w.png", wide, "image/png")), ("image", ("t.png", tall, "image/png"))] * 2
+    async with running_app(create_app(Settings(models=[folder]), loader)) as client:
+        both = await client.post("/detect", files=files)
+        models = (await client.get("/v1/models")).json()["models"]
+        url = "/v2/models/focal_tiny_retinanet"
+        metadata = (await client.get(url)).json()
+        canvas = {"name": "pixels", "datatype": "FP32", "shape": [1, 3, 96, 64], "data": [0.0] * 96 * 64 * 3}
+        sent = (await client.post(f"{url}/infer", json={"inputs": [canvas]})).json()
+        square = {**canvas, "shape": [1, 3, 64, 64], "data": [0.0] * 64 * 64 * 3}
+        refused = await client.post(f"{url}/infer", json={"inputs": [square]})
+    assert both.status_code == 200, both.text
+    results = both.json()["results"]
+    assert [(r["canvas"], r["resized"]) for r in results] == [([64, 96], [96, 48]), ([96, 64], [48, 96])] * 2
+    assert results[1]["detections"][0]["box"] == pytest.approx(
+        [8 * 128 / 48, 8 * 256 / 96, 40 * 128 / 48, 40 * 256 / 96]
+    )
+    assert [b.shapes for b in backends] == [{(3, 64, 96)}, {(3, 96, 64)}]
+    assert models[0]["canvases"] == [[64, 96], [96, 64]]
+    assert models[0]["input_size"] == [64, 96]
+    assert metadata["inputs"][0]["shape"] == [-1, 3, -1, -1]
+    found = {o["name"]: o for o in sent["outputs"]}["detections"]["data"]
+    assert found[:6] == pytest.approx([8, 8, 40, 40, 0.9, 1])  # in the 96x64 canvas's pixels
+    assert found[6:10] == pytest.approx([40, 70, 64, 90])  # clipped to that canvas's 64-pixel width
+    assert refused.status_code == 400
+    assert "canvases are 64x96, 96x64" in refused.json()["error"]
