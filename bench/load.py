@@ -61,16 +61,23 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _load(url: str, body: bytes, concurrency: int, seconds: float, on_tick: Any = None) -> dict[str, Any]:
+async def _load(
+    url: str, body: bytes | list[bytes], concurrency: int, seconds: float, on_tick: Any = None
+) -> dict[str, Any]:
+    """`concurrency` clients posting `body` (or each the next of several bodies, in turn) for `seconds`."""
     latencies: list[float] = []
     errors = 0
     end = time.monotonic() + seconds
+    bodies = body if isinstance(body, list) else [body]
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: httpx.AsyncClient, first: int) -> None:
         nonlocal errors
+        sent = first
         while time.monotonic() < end:
             start = time.perf_counter()
-            response = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
+            data = bodies[sent % len(bodies)]
+            sent += 1
+            response = await client.post(url, content=data, headers={"Content-Type": "image/jpeg"})
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - start)
             else:
@@ -84,7 +91,7 @@ async def _load(url: str, body: bytes, concurrency: int, seconds: float, on_tick
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         started = time.monotonic()
-        tasks = [worker(client) for _ in range(concurrency)] + ([ticker()] if on_tick else [])
+        tasks = [worker(client, i) for i in range(concurrency)] + ([ticker()] if on_tick else [])
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed}

@@ -94,4 +94,6 @@ def test_a_one_canvas_detector_writes_the_fields_it_always_had(tmp_path: Path) -
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert not {"canvases", "onnx_data"} & set(data)
     assert "test_scale" not in data["preprocess"]
-    assert read_manifest(tmp_path).test_scale == (64, 64)  # the canvas's own sides
+    again = read_manifest(tmp_path)
+    assert isinstance(again, DetectManifest)
+    assert again.test_scale == (64, 64)  # the canvas's own sides

@@ -158,7 +158,10 @@ def resize_linear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     def horizontal(rows: np.ndarray) -> np.ndarray:  # only the rows the output needs: memory follows its size
         picked = pixels[rows]
-        return (picked[:, x0].astype(np.int32) * wx0[:, None] + picked[:, x1].astype(np.int32) * wx1[:, None]) >> 4
+        weighted: np.ndarray = (
+            picked[:, x0].astype(np.int32) * wx0[:, None] + picked[:, x1].astype(np.int32) * wx1[:, None]
+        )
+        return weighted >> 4
 
     out = ((horizontal(y0) * wy0[:, None, None]) >> 16) + ((horizontal(y1) * wy1[:, None, None]) >> 16)
     result: np.ndarray = np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
