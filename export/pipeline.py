@@ -235,7 +235,7 @@ def _export_fresh(
         task.add_canvas(first, other)
     if len(sizes) > 1:
         with progress.step("shared weights"):
-            report = share_weights(out, [n for m in manifests for n in m.onnx_names], WEIGHTS_DATA)
+            report = share_weights(out, first.onnx_names, WEIGHTS_DATA)  # every canvas's, now in `first`
             first.onnx_data = WEIGHTS_DATA
             log(
                 f"      {len(first.onnx_names) - 1} graphs keep their weights in {WEIGHTS_DATA}: "

@@ -29,12 +29,16 @@ class SharingReport:
 
 def share_weights(folder: Path, names: list[str], data_name: str) -> SharingReport:
     """Rewrite the graphs `names` (files in `folder`) to keep their large initializers in `folder/data_name`."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"graphs named twice: {sorted(names)}")
     offsets: dict[bytes, tuple[int, int]] = {}
     total = 0
     data_path = folder / data_name
     with data_path.open("wb") as data:
         for name in names:
-            proto = onnx.load(str(folder / name))
+            proto = onnx.load(str(folder / name), load_external_data=False)
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _initializers(proto.graph)):
+                raise ValueError(f"{name} already keeps weights in an external file")
             for tensor in _initializers(proto.graph):
                 if not tensor.HasField("raw_data") or len(tensor.raw_data) < MIN_BYTES:
                     continue

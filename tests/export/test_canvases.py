@@ -4,15 +4,18 @@ canvases (`tests/conftest.py: bucket_export`): one graph per canvas around one s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from export.canvases import canvas_set, mmdetection_input, parse_canvases, parse_scale
 from export.options import ExportOptions
 from export.pipeline import WEIGHTS_DATA, run_export
+from export.shared_weights import share_weights
 from manifest import DetectManifest, keep_ratio_size, read_manifest, sha256_file
 from tests.conftest import BUCKET_CANVASES, BUCKET_SCALE, DetectExport
 
@@ -106,3 +109,38 @@ def test_an_unchanged_bucket_export_is_reused_and_a_changed_one_leaves_no_stale_
     assert sorted(p.name for p in copy.iterdir()) == ["labels.txt", "manifest.json", "model.fp32.onnx"]
     assert one.canvases == []
     assert one.onnx_data is None
+
+
+def test_shared_weights_keep_every_tensor_and_store_each_once(tmp_path: Path) -> None:
+    """Two graphs with a tensor in common (under different names) and one each of their own: after
+    sharing, each graph reads back exactly its tensors, the common one is stored once, small tensors
+    stay inline, and a graph named twice or already sharing is refused."""
+    rng = np.random.default_rng(0)
+    common, own_a, own_b = (rng.standard_normal(1000).astype(np.float32) for _ in range(3))
+    small = np.arange(4, dtype=np.int64)
+
+    def graph(name: str, tensors: dict[str, np.ndarray]) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(v, k) for k, v in tensors.items()]
+        nodes = [onnx.helper.make_node("Identity", [k], [f"out_{k}"]) for k in tensors]
+        outputs = [onnx.helper.make_tensor_value_info(f"out_{k}", onnx.TensorProto.UNDEFINED, None) for k in tensors]
+        model = onnx.helper.make_model(onnx.helper.make_graph(nodes, name, [], outputs, inits))
+        onnx.save_model(model, str(tmp_path / f"{name}.onnx"))
+        return model
+
+    originals = {"a": {"w": common, "a_only": own_a, "idx": small}, "b": {"renamed_w": common, "b_only": own_b}}
+    for name, tensors in originals.items():
+        graph(name, tensors)
+    report = share_weights(tmp_path, ["a.onnx", "b.onnx"], "weights.data")
+    assert report.total_bytes == 4 * 4000
+    assert (tmp_path / "weights.data").stat().st_size <= 2 * 4096 + 4000  # three tensors, page-aligned: not four
+    for name, tensors in originals.items():
+        loaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{name}.onnx")).graph.initializer}
+        assert loaded.keys() == tensors.keys()
+        for key, value in tensors.items():
+            np.testing.assert_array_equal(loaded[key], value)
+    inline = onnx.load(str(tmp_path / "a.onnx"), load_external_data=False).graph.initializer
+    assert [t.name for t in inline if t.data_location != onnx.TensorProto.EXTERNAL] == ["idx"]
+    with pytest.raises(ValueError, match="already keeps weights"):
+        share_weights(tmp_path, ["a.onnx"], "other.data")
+    with pytest.raises(ValueError, match="named twice"):
+        share_weights(tmp_path, ["a.onnx", "a.onnx"], "other.data")
