@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,25 +26,41 @@ from service.models import ServedModel, check_model_folders
 from service.remote import HostLink, RemoteBatcher
 from service.settings import DEFAULT_WORKERS_CAP, Settings, usable_cores
 from service.state import ServiceState
-from tests.support import JPEG, FakeBackend, classify_manifest, fixed_logits, model_folder, running_app, until
+from tests.support import (
+    JPEG,
+    FakeBackend,
+    classify_manifest,
+    detect_manifest,
+    encode,
+    fixed_logits,
+    model_folder,
+    photo,
+    running_app,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
 async def host_and_front_end(
-    tmp_path: Path, backend: FakeBackend | None = None, **settings: Any
+    tmp_path: Path,
+    backend: FakeBackend | None = None,
+    folder: Path | None = None,
+    backends: Callable[..., FakeBackend] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[tuple[ServiceState, httpx.AsyncClient, ModelHost]]:
-    """The model host (its state, and itself) and a front end (an httpx client calling it), ready."""
+    """The model host (its state, and itself) and a front end (an httpx client calling it), ready.
+    Default: a classifier on `backend`; or the export `folder`, its backends from `backends`."""
     backend = backend or FakeBackend(fixed_logits(5))
-    folder = model_folder(tmp_path / "classifier", classify_manifest(num_classes=5))
+    folder = folder or model_folder(tmp_path / "classifier", classify_manifest(num_classes=5))
     config = Settings(models=[folder], grpc_port=0, **settings)
     host_state = ServiceState(
         settings=config,
         metrics=Metrics(),
         preprocess_pool=ThreadPoolExecutor(1),
         planned=check_model_folders(config.models),
-        backends=lambda *_: backend,
+        backends=backends or (lambda *_: backend),
     )
     socket_path = str(tmp_path / "host.sock")
     async with hosting(host_state, socket_path) as host:
@@ -266,3 +282,33 @@ def test_default_workers_are_the_cores_capped_or_one_with_the_repository_api(mon
     # The model repository API on: one process by default (loads and unloads need it), unless asked.
     assert Settings(admin_token="0123456789abcdef").worker_count() == 1
     assert Settings(admin_token="0123456789abcdef", workers=4).worker_count() == 4
+
+
+async def test_a_detector_runs_each_canvas_on_its_own_backend_in_the_host(tmp_path: Path) -> None:
+    """Front ends route an image to its canvas and send it as it is; the host takes a sample of any of
+    the model's canvases to that canvas's batcher, and refuses other shapes."""
+    backends: list[FakeBackend] = []
+
+    def rows(batch: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(batch), 20, 6), np.float32)
+        out[:, 0] = [8, 8, 40, 40, 0.9, 1]
+        return out
+
+    def loader(*_: Any) -> FakeBackend:
+        backends.append(FakeBackend(rows))
+        return backends[-1]
+
+    folder = model_folder(tmp_path / "detector", detect_manifest(canvas=(64, 96), more_canvases=((96, 64),)))
+    async with host_and_front_end(tmp_path, folder=folder, backends=loader) as (host, client, _):
+        files = [("image", ("w.png", encode(photo((256, 128)), "PNG"), "image/png")),
+                 ("image", ("t.png", encode(photo((128, 256)), "PNG"), "image/png"))]  # fmt: skip
+        response = await client.post("/detect", files=files)
+        assert response.status_code == 200, response.text
+        assert [r["canvas"] for r in response.json()["results"]] == [[64, 96], [96, 64]]
+        assert [b.shapes for b in backends] == [{(3, 64, 96)}, {(3, 96, 64)}]
+        assert (await client.get("/v1/models")).json()["models"][0]["canvases"] == [[64, 96], [96, 64]]
+        link = HostLink(str(tmp_path / "host.sock"))
+        await link.connect()
+        model = host.models["focal_tiny_retinanet"]
+        with pytest.raises(Exception, match=r"takes float32 \(3, 64, 96\) or \(3, 96, 64\)"):
+            await RemoteBatcher(link, model.name, model.info()).submit(np.zeros((3, 64, 64), np.float32), 5.0)
