@@ -84,6 +84,8 @@ def ensure_engine(
         "precision": manifest.precision,
         "batch": manifest.batch,
         "onnx_sha256": sha256_file(folder / source),
+        # The graph names its weights by offset only: the weights file is part of what the engine was built from.
+        "onnx_data_sha256": _data_sha256(folder, manifest),
     }
     previous = manifest.engine
     if (
@@ -113,6 +115,12 @@ def ensure_engine(
     log(f"built {path} for {probe.gpu_name} (sm {probe.compute_capability}), TensorRT {probe.tensorrt_version}")
 
 
+def _data_sha256(folder: Path, manifest: Manifest) -> str | None:
+    if manifest.onnx_data is None:
+        return None
+    return manifest.sha256.get(manifest.onnx_data) or sha256_file(folder / manifest.onnx_data)
+
+
 def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) -> None:
     """Copy an export folder's artifacts into `target`, unless it already holds the same export."""
     manifest = read_manifest(source)
@@ -127,8 +135,8 @@ def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) 
         return
     target.mkdir(parents=True, exist_ok=True)
     (target / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest goes last: never one over half-copied files
-    for view in manifest.canvas_views():
-        (target / engine_name(view)).unlink(missing_ok=True)
+    for stale in [*target.glob("model*.onnx"), *target.glob("model*.engine"), *target.glob("*.data")]:
+        stale.unlink()  # an earlier export's graphs, engines and weights, whatever their canvases
     for name in names:
         shutil.copyfile(source / name, target / name)
     shutil.copyfile(source / MANIFEST_NAME, target / MANIFEST_NAME)

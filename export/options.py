@@ -119,7 +119,7 @@ class ExportOptions:
         if not isinstance(self.model_kwargs, dict):
             raise ExportError("--model-kwargs must be a JSON object of official constructor keywords")
         for key, why in (
-            ("img_size", "use --image-size"),
+            ("img_size", "use --image-size (a detector: --canvases)"),
             ("features_only", "feature backbones are for --task detect"),
         ):
             if key in self.model_kwargs:

@@ -140,6 +140,7 @@ class Engine(_Strict):
     precision: Literal["fp32", "fp16"]
     batch: BatchProfile
     onnx_sha256: str = Field(description="of the ONNX it was built from")
+    onnx_data_sha256: str | None = Field(None, description="of the external-data file that ONNX reads its weights from")
     built_from: str
     strongly_typed: bool = Field(description="built as a strongly typed network: it computes in the ONNX's types")
     fp16_flag: bool = Field(
@@ -286,6 +287,8 @@ class _ManifestBase(_Strict):
             exclude["canvases"] = True
         if self.onnx_data is None:
             exclude["onnx_data"] = True
+        if self.engine is not None and self.engine.onnx_data_sha256 is None:
+            exclude["engine"] = {"onnx_data_sha256"}
         tmp.write_text(self.model_dump_json(indent=2, exclude=exclude or None) + "\n")
         tmp.replace(path)
         return path
@@ -323,6 +326,7 @@ class DetectManifest(_ManifestBase):
         return self.preprocess.test_scale or (max(max(s) for s in sizes), max(min(s) for s in sizes))
 
     def canvas_views(self) -> list[Any]:
+        """(Shallow copies: every view shares this manifest's `sha256`, so a hash a view records is kept.)"""
         return [self.model_copy(update={"canvases": []}), *(self._view(c) for c in self.canvases)]
 
     def _view(self, graphs: CanvasGraphs) -> DetectManifest:
@@ -330,6 +334,7 @@ class DetectManifest(_ManifestBase):
             update={
                 **{name: getattr(graphs, name) for name in _PER_CANVAS},
                 "input_size": graphs.canvas,
+                "focal_config": {**self.focal_config, "img_size": list(graphs.canvas)},
                 "preprocess": self.preprocess.model_copy(update={"canvas": graphs.canvas}),
                 "detection": self.detection.model_copy(update={"canvas": graphs.canvas, "levels": graphs.levels}),
                 "canvases": [],

@@ -53,9 +53,10 @@ async def off_loop(state: ServiceState, work: Callable[[T], R], items: Sequence[
 async def prepare(state: ServiceState, model: Model, blobs: Sequence[bytes]) -> list[Placed]:
     """Decode + the task's transform for every image in the thread pool; one bad image fails the request."""
     transform, max_pixels = model.transform, state.settings.max_pixels
+    draft = transform.draft_short_side if state.settings.jpeg_draft else None
 
     def one(data: bytes) -> Placed:
-        image, full_size = decode_with_size(data, max_pixels, draft_short_side=transform.draft_short_side)
+        image, full_size = decode_with_size(data, max_pixels, draft_short_side=draft)
         return transform.to_canvas(image, full_size)
 
     loop = asyncio.get_running_loop()

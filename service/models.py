@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -234,9 +236,11 @@ class ServedModel(Model):
         health: ModelHealth,
     ) -> None:
         observer = _BatchEvents(metrics.observer(checked.name), self)
+        # On a CPU every run uses every core: a model's canvases take turns rather than share them.
+        turns = threading.Lock() if len(backends) > 1 and backends[0].device == "cpu" else None
         self.batchers = [
             DynamicBatcher(
-                backend.infer,
+                backend.infer if turns is None else functools.partial(_taking_turns, turns, backend.infer),
                 max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
                 max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
                 max_queue_size=settings.max_queue_size,
@@ -270,14 +274,16 @@ class ServedModel(Model):
     ) -> ServedModel:
         """Build a backend per input size (slow: run it off the event loop)."""
         loader = backends or default_backend
-        built: list[Backend] = []
-        try:
-            for view in checked.manifest.canvas_views():
-                built.append(loader(dataclasses.replace(checked, manifest=view), settings))
-        except BaseException:
+        built = _load_each_canvas(checked, settings, loader)
+        if len({(b.name, b.device) for b in built}) > 1:  # `auto` fell back for some canvases only
+            kinds = ", ".join(f"{v.input_size[0]}x{v.input_size[1]}: {b.name} on {b.device}"
+                              for v, b in zip(checked.manifest.canvas_views(), built, strict=True))  # fmt: skip
+            log.warning(
+                "%s: its canvases would run on different backends (%s); all run on onnxruntime", checked.name, kinds
+            )
             for backend in built:
                 backend.close()
-            raise
+            built = _load_each_canvas(checked, settings.model_copy(update={"backend": "onnxruntime"}), loader)
         return cls(checked, built, settings, metrics, health)
 
     def info(self) -> dict[str, Any]:
@@ -396,6 +402,23 @@ class ServedModel(Model):
                 log.warning("%s: a batch is still running; its backend is left to the process exit", self.name)
             else:
                 backend.close()
+
+
+def _load_each_canvas(checked: ModelFolder, settings: Settings, loader: BackendLoader) -> list[Backend]:
+    built: list[Backend] = []
+    try:
+        for view in checked.manifest.canvas_views():
+            built.append(loader(dataclasses.replace(checked, manifest=view), settings))
+    except BaseException:
+        for backend in built:
+            backend.close()
+        raise
+    return built
+
+
+def _taking_turns(turns: threading.Lock, infer: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
+    with turns:
+        return infer(batch)
 
 
 def health_policy(settings: Settings) -> HealthPolicy:

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="images waiting per model; more are refused with 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a queued image older than this gets 504")
     preprocess_threads: int = Field(4, ge=1)
+    jpeg_draft: bool = Field(
+        True,
+        description="decode a JPEG at least twice the size the model needs at a reduced scale (~4x cheaper); "
+        "false: decode every image in full first, as mmdetection and the official evaluation do",
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads (0: one per core)")
     intra_op_spinning: bool = Field(
         True, description="onnxruntime's CPU threads spin-wait for work between ops instead of sleeping"

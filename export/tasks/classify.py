@@ -49,6 +49,10 @@ class ClassifyTask(ExportTask):
     no_int8_reason = None
 
     def check(self, opts: ExportOptions) -> None:
+        for flag, given in (("--canvases", opts.canvases), ("--canvas-set", opts.canvas_set),
+                            ("--test-scale", opts.test_scale)):  # fmt: skip
+            if given is not None:
+                raise ExportError(f"{flag} is for --task detect; a classifier's input size is --image-size")
         if opts.backbone_weights is not None:
             raise ExportError("--backbone-weights is for --task detect; a classifier takes --weights")
         classes = opts.model_kwargs.get("num_classes", 1)

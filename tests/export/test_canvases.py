@@ -127,7 +127,10 @@ def test_shared_weights_keep_every_tensor_and_store_each_once(tmp_path: Path) ->
         onnx.save_model(model, str(tmp_path / f"{name}.onnx"))
         return model
 
-    originals = {"a": {"w": common, "a_only": own_a, "idx": small}, "b": {"renamed_w": common, "b_only": own_b}}
+    originals: dict[str, dict[str, np.ndarray]] = {
+        "a": {"w": common, "a_only": own_a, "idx": small},
+        "b": {"renamed_w": common, "b_only": own_b},
+    }
     for name, tensors in originals.items():
         graph(name, tensors)
     report = share_weights(tmp_path, ["a.onnx", "b.onnx"], "weights.data")

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from export import tensorrt_engine
-from export.engine import ensure_engine
+from export.engine import ensure_engine, ensure_engines
 from manifest import read_manifest, sha256_file
-from tests.support import classify_manifest, model_folder
+from tests.support import classify_manifest, detect_manifest, model_folder
 
 
 class _Recorder:
@@ -299,3 +299,41 @@ def test_the_engine_step_records_the_engine_reuses_it_and_rebuilds_a_damaged_one
     assert again.engine_skipped_reason == "--engine skip"
     assert not (folder / "model.engine").exists()
     assert "model.engine" not in again.sha256
+
+
+def test_each_canvas_gets_its_engine_rebuilt_when_the_shared_weights_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ensure_engines` on a detector with two canvases (stand-in build, as above): one engine per
+    canvas, named after it, each in its canvas's manifest entry; reused while nothing changed, and
+    rebuilt when only `weights.data` changed (the graphs name their weights by offset, so their own
+    bytes stay the same)."""
+    manifest = detect_manifest(canvas=(64, 96), more_canvases=((96, 64),))
+    manifest.onnx_data = "weights.data"
+    folder = model_folder(tmp_path, manifest)
+    (folder / "weights.data").write_bytes(b"weights v1")
+    manifest.sha256 = {name: sha256_file(folder / name) for name in manifest.onnx_names}
+    builds: list[dict[str, Any]] = []
+
+    def build(**kwargs: Any) -> dict[str, Any]:
+        builds.append(kwargs)
+        kwargs["engine_path"].write_bytes(b"engine")
+        return {"built_from": kwargs["fp32_onnx"].name, "strongly_typed": True, "fp16_flag": False, "tf32": False}
+
+    probe = tensorrt_engine.TensorRTProbe(True, None, "10.16.0", "NVIDIA H100", "9.0")
+    monkeypatch.setattr(tensorrt_engine, "probe", lambda: probe)
+    monkeypatch.setattr(tensorrt_engine, "build_engine", build)
+    ensure_engines(folder, manifest, "auto", log=lambda _: None)
+    assert [(b["fp32_onnx"].name, b["engine_path"].name, b["input_shape"]) for b in builds] == [
+        ("model.fp32.onnx", "model.engine", (3, 64, 96)),
+        ("model.96x64.fp32.onnx", "model.96x64.engine", (3, 96, 64)),
+    ]
+    views = manifest.canvas_views()
+    assert [v.engine.path for v in views if v.engine] == ["model.engine", "model.96x64.engine"]
+    assert {"model.engine", "model.96x64.engine"} <= set(manifest.sha256)
+    ensure_engines(folder, manifest, "auto", log=lambda _: None)
+    assert len(builds) == 2  # reused
+    (folder / "weights.data").write_bytes(b"weights v2")
+    manifest.sha256["weights.data"] = sha256_file(folder / "weights.data")
+    ensure_engines(folder, manifest, "auto", log=lambda _: None)
+    assert len(builds) == 4

@@ -4,6 +4,10 @@ export (the app in-process over the real onnxruntime backend)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -391,3 +395,80 @@ async def test_each_canvas_has_its_own_batches_and_the_response_says_which(tmp_p
     assert found[6:10] == pytest.approx([40, 70, 64, 90])  # clipped to that canvas's 64-pixel width
     assert refused.status_code == 400
     assert "canvases are 64x96, 96x64" in refused.json()["error"]
+
+
+def test_the_torch_backend_builds_each_canvas_at_its_own_size(bucket_export: DetectExport) -> None:
+    """The reference backend (PyTorch, from the export's checkpoint) agrees with each canvas's ONNX graph."""
+    import onnxruntime as ort
+
+    from service.backends.torch_backend import TorchBackend
+
+    rng = np.random.default_rng(1)
+    for view in bucket_export.manifest.canvas_views():
+        batch = rng.standard_normal((1, 3, *view.input_size), dtype=np.float32)
+        session = ort.InferenceSession(str(bucket_export.folder / view.onnx_fp32), providers=["CPUExecutionProvider"])
+        expected = session.run(None, {"pixels": batch})[0]
+        got = TorchBackend(view).infer(batch)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got[..., 4], expected[..., 4], atol=1e-4)
+
+
+async def test_a_models_canvases_take_turns_on_a_cpu_and_share_one_backend_kind(tmp_path: Path) -> None:
+    """On a CPU each run uses every core, so a model's canvases never run at once. A model whose canvases
+    would load on different backends (TensorRT for some, a fallback for others) runs all on onnxruntime."""
+    manifest = detect_manifest(canvas=(64, 96), more_canvases=((96, 64),))
+    folder = model_folder(tmp_path, manifest)
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def rows(batch: np.ndarray) -> np.ndarray:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return _rows(batch)
+
+    choices: list[str] = []
+
+    def loader(checked: Any, settings: Settings) -> FakeBackend:
+        choices.append(settings.backend)
+        backend = FakeBackend(rows, max_batch_size=1)
+        if settings.backend == "auto" and checked.manifest.input_size == (96, 64):
+            backend.name = "tensorrt"  # this canvas's engine loaded, the other's did not
+        return backend
+
+    wide, tall = encode(photo((256, 128)), "PNG"), encode(photo((128, 256)), "PNG")
+    async with running_app(create_app(Settings(models=[folder]), loader)) as client:
+        posts = [
+            client.post("/detect", content=body, headers={"Content-Type": "image/png"}) for body in [wide, tall] * 4
+        ]
+        answers = await asyncio.gather(*posts)
+        model = (await client.get("/v1/models")).json()["models"][0]
+    assert all(a.status_code == 200 for a in answers)
+    assert most == 1
+    assert choices == ["auto", "auto", "onnxruntime", "onnxruntime"]
+    assert model["backend"] == "fake"
+
+
+async def test_jpeg_draft_decoding_can_be_turned_off_for_full_decodes(tmp_path: Path) -> None:
+    """With FOCAL_JPEG_DRAFT=false a large JPEG is decoded in full, then resized: exactly the pixels of
+    mmdetection's pipeline (decode, resize); with draft decoding (the default) they differ."""
+    folder = model_folder(tmp_path, detect_manifest(canvas=(64, 64)))
+    seen: list[np.ndarray] = []
+
+    def rows(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.copy())
+        return _rows(batch)
+
+    large = encode(photo((800, 600), seed=2), "JPEG", quality=95)
+    spec = Letterbox.from_manifest(detect_manifest(canvas=(64, 64)))
+    full = spec.to_canvas(Image.open(io.BytesIO(large)).convert("RGB")).pixels
+    for draft in (False, True):
+        app = create_app(Settings(models=[folder], jpeg_draft=draft), lambda *_: FakeBackend(rows))
+        async with running_app(app) as client:
+            answer = await client.post("/detect", content=large, headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == 200
+        assert np.array_equal(seen[-1][0], full) is not draft

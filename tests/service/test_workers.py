@@ -310,5 +310,9 @@ async def test_a_detector_runs_each_canvas_on_its_own_backend_in_the_host(tmp_pa
         link = HostLink(str(tmp_path / "host.sock"))
         await link.connect()
         model = host.models["focal_tiny_retinanet"]
-        with pytest.raises(Exception, match=r"takes float32 \(3, 64, 96\) or \(3, 96, 64\)"):
-            await RemoteBatcher(link, model.name, model.info()).submit(np.zeros((3, 64, 64), np.float32), 5.0)
+        try:
+            with pytest.raises(Exception, match=r"takes float32 \(3, 64, 96\) or \(3, 96, 64\)") as caught:
+                await RemoteBatcher(link, model.name, model.info()).submit(np.zeros((3, 64, 64), np.float32), 5.0)
+            assert getattr(caught.value, "status", None) == 400
+        finally:
+            await link.close()
