@@ -212,8 +212,8 @@ def _buckets_against_one_canvas(
     bodies = [sample_jpeg(size, seed=i) for i, size in enumerate(PHOTO_MIX)]
     served: dict[str, list[float]] = {"single": [], "buckets": []}
     with (
-        running_server(single_folder, max_batch_size="2") as first,
-        running_server(set_folder, startup_timeout_s=300.0, max_batch_size="2") as second,
+        running_server(single_folder, max_batch_size="2", grpc_port="0") as first,  # both at once: no gRPC port
+        running_server(set_folder, startup_timeout_s=300.0, max_batch_size="2", grpc_port="0") as second,
     ):
         servers = {"single": first, "buckets": second}
         for server in servers.values():

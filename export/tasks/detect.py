@@ -216,6 +216,8 @@ class DetectTask(ExportTask):
     def add_canvas(self, first: Manifest, other: Manifest) -> None:
         assert isinstance(first, DetectManifest)
         assert isinstance(other, DetectManifest)
+        if other.onnx_int8 is not None:  # a canvas's entry has no int8 graph (--int8 is refused for detectors)
+            raise ExportError("an int8 graph per canvas is not recorded in the manifest")
         first.canvases.append(
             CanvasGraphs(
                 canvas=other.input_size,
