@@ -287,7 +287,7 @@ def _bucket_lines(result: dict[str, Any]) -> list[str]:
         "|---|---|---|",
         f"| canvases | 640x640 | {', '.join('x'.join(map(str, c)) for c in many['canvases'])} |",
         f"| export time (s; - reused) | {one['export_s'] or '-'} | {many['export_s'] or '-'} |",
-        f"| artifacts (ONNX + shared weights) | {one['files_mb']} MB | {many['files_mb']} MB |",
+        f"| artifacts (ONNX + shared weights) | {one['files_mb']} MiB | {many['files_mb']} MiB |",
         f"| service warm-up (batch 1 and 2, every canvas) | {b['servers']['single']['warmup_s']} s | "
         f"{b['servers']['buckets']['warmup_s']} s |",
         f"| server resident memory after the load | {b['servers']['single']['rss_mb']} MB | "
