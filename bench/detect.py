@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -151,11 +152,14 @@ def _export(opts: ExportOptions, out: Path) -> tuple[Manifest, dict[str, Any]]:
     took = time.perf_counter() - start
     reused = any("reusing" in line for line in lines)
     files = {name: (out / name).stat().st_size for name in manifest.onnx_names}
+    # The export's own report of the sharing: "... X MiB there, Y MiB if each held its own".
+    unshared = [re.search(r"([0-9.]+) MiB if each held its own", line) for line in lines]
     facts = {
         "canvases": [list(c) for c in (manifest.canvas_sizes if isinstance(manifest, DetectManifest) else [])],
         "export_s": None if reused else round(took, 1),
         "files_mb": round(sum(files.values()) / 2**20, 1),
         "weights_shared_in": manifest.onnx_data,
+        "unshared_mib": next((float(m.group(1)) for m in unshared if m), None),
     }
     print(f"export {out.name}: {facts}", flush=True)
     return manifest, facts
@@ -287,11 +291,12 @@ def _bucket_lines(result: dict[str, Any]) -> list[str]:
         "|---|---|---|",
         f"| canvases | 640x640 | {', '.join('x'.join(map(str, c)) for c in many['canvases'])} |",
         f"| export time (s; - reused) | {one['export_s'] or '-'} | {many['export_s'] or '-'} |",
-        f"| artifacts (ONNX + shared weights) | {one['files_mb']} MiB | {many['files_mb']} MiB |",
+        f"| artifacts (ONNX + shared weights) | {one['files_mb']} MiB | {many['files_mb']} MiB "
+        f"({many['unshared_mib'] or '-'} MiB if each graph held its weights) |",
         f"| service warm-up (batch 1 and 2, every canvas) | {b['servers']['single']['warmup_s']} s | "
         f"{b['servers']['buckets']['warmup_s']} s |",
-        f"| server resident memory after the load | {b['servers']['single']['rss_mb']} MB | "
-        f"{b['servers']['buckets']['rss_mb']} MB |",
+        f"| server resident memory after the load | {b['servers']['single']['rss_mb']} MiB | "
+        f"{b['servers']['buckets']['rss_mb']} MiB |",
         f"| mean padding of the photo mix | {b['mean_padding']['single']:.1%} | {b['mean_padding']['buckets']:.1%} |",
         f"| mean canvas pixels per photo | {b['mean_canvas_pixels']['single']} | "
         f"{b['mean_canvas_pixels']['buckets']} |",
@@ -300,7 +305,7 @@ def _bucket_lines(result: dict[str, Any]) -> list[str]:
         f"| service img/s (median of rounds) | {b['service_images_per_s']['single']} | "
         f"{b['service_images_per_s']['buckets']} |",
         "",
-        "| photo | one canvas: padding | 640 set: canvas | padding | batch-1 ms |",
+        "| photo (w x h) | one canvas: padding | 640 set: canvas (h x w) | padding | batch-1 ms |",
         "|---|---|---|---|---|",
         *(
             f"| {p['photo']} | {p['single']['padding']:.1%} | {p['buckets']['canvas']} | "

@@ -26,6 +26,7 @@ PHOTO_SHAPES = {
 CANVAS_SETS = {"paper": (1333, 800), "640": (640, 640)}
 DEFAULT_CANVAS_SET = "640"
 STRIDE = 32  # mmdetection pads to a multiple of this (the FPN's coarsest input stride)
+WEIGHTS_DATA = "weights.data"  # the file the canvases' graphs keep their weights in (`export.shared_weights`)
 
 
 def padded(size: int) -> int:

@@ -5,7 +5,8 @@ is built where it will run: by the export when the export runs on that machine, 
 by this command in the GPU serving image (a Kubernetes init container, the Compose
 one-shot `engine` service). It needs no torch. The engine is reused when the folder
 already holds one for the same GPU, compute capability, TensorRT version, ONNX
-sha256, precision and batch profile; otherwise it is built and the manifest updated.
+sha256 (and its weights file's, for a detector's canvases), precision and batch profile;
+otherwise it is built and the manifest updated. A detector has one engine per canvas.
 
 `--source DIR` first copies an export folder (e.g. a read-only volume) into DIR
 (a writable engine cache), unless DIR already holds the same export.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export import tensorrt_engine
+from export.canvases import WEIGHTS_DATA
 from manifest import MANIFEST_NAME, Engine, Manifest, ManifestError, read_manifest, sha256_file
 
 ENGINE = "model.engine"  # of an export with one input size (`engine_name`)
@@ -41,10 +43,11 @@ def ensure_engines(
 ) -> None:
     """`ensure_engine` for each input size of the export (one engine per canvas of a detector)."""
     views = manifest.canvas_views()
+    data = _data_sha256(folder, manifest)  # hashed once, for every canvas
     for view in views:
         if len(views) > 1:
             log(f"canvas {view.input_size[0]}x{view.input_size[1]}:")
-        ensure_engine(folder, view, mode, workspace_gib, timing_cache, log)
+        ensure_engine(folder, view, mode, workspace_gib, timing_cache, log, data_sha256=data)
         manifest.keep_canvas(view)
 
 
@@ -55,8 +58,10 @@ def ensure_engine(
     workspace_gib: float = 4.0,
     timing_cache: Path | None = None,
     log: Callable[[str], None] = print,
+    data_sha256: str | None = None,
 ) -> None:
-    """Make `manifest` (of `folder`) describe a usable engine, or say why there is none. Raises EngineError."""
+    """Make `manifest` (of `folder`) describe a usable engine, or say why there is none. Raises EngineError.
+    `data_sha256`: of the manifest's weights file, when the caller hashed it already."""
 
     path = engine_name(manifest)
 
@@ -85,7 +90,7 @@ def ensure_engine(
         "batch": manifest.batch,
         "onnx_sha256": sha256_file(folder / source),
         # The graph names its weights by offset only: the weights file is part of what the engine was built from.
-        "onnx_data_sha256": _data_sha256(folder, manifest),
+        "onnx_data_sha256": data_sha256 or _data_sha256(folder, manifest),
     }
     previous = manifest.engine
     if (
@@ -116,9 +121,8 @@ def ensure_engine(
 
 
 def _data_sha256(folder: Path, manifest: Manifest) -> str | None:
-    if manifest.onnx_data is None:
-        return None
-    return manifest.sha256.get(manifest.onnx_data) or sha256_file(folder / manifest.onnx_data)
+    """Of the weights file as it is on disk (not as recorded: a changed file must not reuse an engine)."""
+    return sha256_file(folder / manifest.onnx_data) if manifest.onnx_data else None
 
 
 def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) -> None:
@@ -135,8 +139,8 @@ def copy_export(source: Path, target: Path, log: Callable[[str], None] = print) 
         return
     target.mkdir(parents=True, exist_ok=True)
     (target / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest goes last: never one over half-copied files
-    for stale in [*target.glob("model*.onnx"), *target.glob("model*.engine"), *target.glob("*.data")]:
-        stale.unlink()  # an earlier export's graphs, engines and weights, whatever their canvases
+    for stale in [*target.glob("model*.onnx"), *target.glob("model*.engine"), target / WEIGHTS_DATA]:
+        stale.unlink(missing_ok=True)  # an earlier export's graphs, engines and weights, whatever their canvases
     for name in names:
         shutil.copyfile(source / name, target / name)
     shutil.copyfile(source / MANIFEST_NAME, target / MANIFEST_NAME)

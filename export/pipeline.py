@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 
 from export import tensorrt_engine
+from export.canvases import WEIGHTS_DATA
 from export.engine import ensure_engines
 from export.fp16 import convert_to_fp16
 from export.graph_gate import check_graph
@@ -50,7 +51,6 @@ from manifest import (
 
 INT8_ONNX = "model.int8.onnx"  # of an export with one input size (`graph_names`)
 LABELS = "labels.txt"
-WEIGHTS_DATA = "weights.data"  # the weights the graphs of several input sizes share (`export.shared_weights`)
 
 
 class Progress:

@@ -89,13 +89,17 @@ class DynamicBatcher:
         max_queue_size: int,
         observer: BatchObserver | None = None,
         name: str = "model",
+        turns: asyncio.Lock | None = None,
     ) -> None:
+        """`turns`: a lock this batcher holds while its batch runs, shared with other batchers that must
+        not run at the same time (a model's canvases on a CPU); its batch's clock starts once it has it."""
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.name = name
+        self.turns = turns
         self.observer: BatchObserver = observer or _NullObserver()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
@@ -209,39 +213,50 @@ class DynamicBatcher:
         return live
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = self._live(await self._next_batch())
-            self.observer.queue_depth(self._queue.qsize())
-            if not batch:
+            batch = await self._next_batch()
+            if self.turns is None:
+                await self._run_one(batch)
                 continue
-            self.in_flight = len(batch)
-            start = self.batch_started = time.monotonic()
-            waits = [start - item.enqueued for item in batch]
-            failure: str | None = None
-            cancelled = False
-            try:
-                inputs = np.stack([item.sample for item in batch])
-                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
-                if len(outputs) != len(batch):
-                    raise BackendError(f"the backend returned {len(outputs)} outputs for {len(batch)} inputs")
-                for item, output in zip(batch, outputs, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(output)
-            except asyncio.CancelledError:
-                cancelled = True
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(Draining(self.closed_reason))
-                raise
-            except Exception as exc:  # one failed batch fails its own requests only
-                error = exc if isinstance(exc, BackendError) else BackendError(f"{type(exc).__name__}: {exc}")
-                failure = str(error)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-            finally:
-                self.in_flight, self.batch_started = 0, None
-                if not cancelled:  # a batch cut short by shutdown says nothing about the backend
-                    sources = len({item.source for item in batch})
-                    self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure, sources)
+            self._forming = batch  # waiting for its turn: still pending, and failed by stop()
+            async with self.turns:  # FIFO among the batchers that share it
+                self._forming = []
+                await self._run_one(batch)
+
+    async def _run_one(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        # One batch: the deadlines checked now, then the backend.
+        batch = self._live(batch)
+        self.observer.queue_depth(self._queue.qsize())
+        if not batch:
+            return
+        self.in_flight = len(batch)
+        start = self.batch_started = time.monotonic()
+        waits = [start - item.enqueued for item in batch]
+        failure: str | None = None
+        cancelled = False
+        try:
+            inputs = np.stack([item.sample for item in batch])
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            if len(outputs) != len(batch):
+                raise BackendError(f"the backend returned {len(outputs)} outputs for {len(batch)} inputs")
+            for item, output in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(output)
+        except asyncio.CancelledError:
+            cancelled = True
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(Draining(self.closed_reason))
+            raise
+        except Exception as exc:  # one failed batch fails its own requests only
+            error = exc if isinstance(exc, BackendError) else BackendError(f"{type(exc).__name__}: {exc}")
+            failure = str(error)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        finally:
+            self.in_flight, self.batch_started = 0, None
+            if not cancelled:  # a batch cut short by shutdown says nothing about the backend
+                sources = len({item.source for item in batch})
+                self.observer.batch_done(len(batch), waits, time.monotonic() - start, failure, sources)

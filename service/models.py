@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from service.backends import Backend, load_backend
 from service.batcher import BackendError, DeadlineExceeded, Draining, DynamicBatcher, QueueFull
 from service.health import HealthPolicy, ModelHealth, Phase
 from service.metrics import Metrics, ModelObserver
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 from service.tasks import TASKS, ServiceTask, Transform
 
 log = logging.getLogger("focal.service")
@@ -236,16 +234,20 @@ class ServedModel(Model):
         health: ModelHealth,
     ) -> None:
         observer = _BatchEvents(metrics.observer(checked.name), self)
-        # On a CPU every run uses every core: a model's canvases take turns rather than share them.
-        turns = threading.Lock() if len(backends) > 1 and backends[0].device == "cpu" else None
+        # On a CPU a run uses every core (unless FOCAL_INTRA_OP_THREADS leaves room for all canvases at once):
+        # a model's canvases take turns rather than fight over the cores.
+        threads = settings.intra_op_threads or usable_cores()
+        cpu_bound = backends[0].device == "cpu" and threads * len(backends) > usable_cores()
+        turns = asyncio.Lock() if len(backends) > 1 and cpu_bound else None
         self.batchers = [
             DynamicBatcher(
-                backend.infer if turns is None else functools.partial(_taking_turns, turns, backend.infer),
+                backend.infer,
                 max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
                 max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
                 max_queue_size=settings.max_queue_size,
                 observer=observer,
                 name=checked.name if len(backends) == 1 else f"{checked.name}-{i}",
+                turns=turns,
             )
             for i, backend in enumerate(backends)
         ]
@@ -275,15 +277,20 @@ class ServedModel(Model):
         """Build a backend per input size (slow: run it off the event loop)."""
         loader = backends or default_backend
         built = _load_each_canvas(checked, settings, loader)
-        if len({(b.name, b.device) for b in built}) > 1:  # `auto` fell back for some canvases only
-            kinds = ", ".join(f"{v.input_size[0]}x{v.input_size[1]}: {b.name} on {b.device}"
-                              for v, b in zip(checked.manifest.canvas_views(), built, strict=True))  # fmt: skip
+        if _mixed(built) and settings.backend == "auto":  # TensorRT loaded for some canvases only
             log.warning(
-                "%s: its canvases would run on different backends (%s); all run on onnxruntime", checked.name, kinds
+                "%s: its canvases would run on different backends (%s); all run on onnxruntime",
+                checked.name,
+                _kinds(checked, built),
             )
             for backend in built:
                 backend.close()
             built = _load_each_canvas(checked, settings.model_copy(update={"backend": "onnxruntime"}), loader)
+        if _mixed(built):
+            kinds = _kinds(checked, built)
+            for backend in built:
+                backend.close()
+            raise ModelLoadError(f"{checked.folder}: its canvases load on different backends or devices ({kinds})")
         return cls(checked, built, settings, metrics, health)
 
     def info(self) -> dict[str, Any]:
@@ -404,6 +411,17 @@ class ServedModel(Model):
                 backend.close()
 
 
+def _mixed(backends: list[Backend]) -> bool:
+    return len({(b.name, b.device) for b in backends}) > 1
+
+
+def _kinds(checked: ModelFolder, backends: list[Backend]) -> str:
+    views = checked.manifest.canvas_views()
+    return ", ".join(
+        f"{v.input_size[0]}x{v.input_size[1]}: {b.name} on {b.device}" for v, b in zip(views, backends, strict=True)
+    )
+
+
 def _load_each_canvas(checked: ModelFolder, settings: Settings, loader: BackendLoader) -> list[Backend]:
     built: list[Backend] = []
     try:
@@ -414,11 +432,6 @@ def _load_each_canvas(checked: ModelFolder, settings: Settings, loader: BackendL
             backend.close()
         raise
     return built
-
-
-def _taking_turns(turns: threading.Lock, infer: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    with turns:
-        return infer(batch)
 
 
 def health_policy(settings: Settings) -> HealthPolicy:

@@ -91,13 +91,13 @@ class OnnxRuntimeBackend:
         self.session = None  # its weights go with the object; working memory stays in the shared CPU arena
 
 
-_hashed: dict[tuple[str, int, int], str] = {}
+_hashed: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _sha256_once(path: Path) -> str:
     """sha256 of a file, computed once while it is unchanged (a detector's canvases share a weights file)."""
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _hashed:
         _hashed[key] = sha256_file(path)
     return _hashed[key]

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from export.canvases import canvas_set, mmdetection_input, parse_canvases, parse_scale
+from export.canvases import WEIGHTS_DATA, canvas_set, mmdetection_input, parse_canvases, parse_scale
 from export.options import ExportOptions
-from export.pipeline import WEIGHTS_DATA, run_export
+from export.pipeline import run_export
 from export.shared_weights import share_weights
 from manifest import DetectManifest, keep_ratio_size, read_manifest, sha256_file
 from tests.conftest import BUCKET_CANVASES, BUCKET_SCALE, DetectExport

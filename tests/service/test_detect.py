@@ -33,6 +33,7 @@ from tests.support import (
     reference_anchors,
     reference_nms,
     running_app,
+    until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -472,3 +473,34 @@ async def test_jpeg_draft_decoding_can_be_turned_off_for_full_decodes(tmp_path: 
             answer = await client.post("/detect", content=large, headers={"Content-Type": "image/jpeg"})
         assert answer.status_code == 200
         assert np.array_equal(seen[-1][0], full) is not draft
+
+
+async def test_a_canvas_waiting_for_its_turn_is_not_a_busy_backend(tmp_path: Path) -> None:
+    """While one canvas's batch runs, another canvas's batch waits for the turn: it is pending (drain waits
+    for it), but its clock has not started, so a long wait never reads as a stuck backend."""
+    folder = model_folder(tmp_path, detect_manifest(canvas=(64, 96), more_canvases=((96, 64),)))
+    backends: list[FakeBackend] = []
+
+    def loader(*_: Any) -> FakeBackend:
+        backends.append(FakeBackend(_rows))
+        return backends[-1]
+
+    app = create_app(Settings(models=[folder]), loader)
+    wide, tall = encode(photo((256, 128)), "PNG"), encode(photo((128, 256)), "PNG")
+    async with running_app(app) as client:
+        model = app.state.service.models["focal_tiny_retinanet"]
+        first, second = model.batchers
+        warm_up = list(backends[1].sizes)
+        backends[0].hold = threading.Event()
+        held = asyncio.ensure_future(client.post("/detect", content=wide, headers={"Content-Type": "image/png"}))
+        await until(lambda: first.busy_for() > 0)
+        waiting = asyncio.ensure_future(client.post("/detect", content=tall, headers={"Content-Type": "image/png"}))
+        await until(lambda: len(second._forming) == 1)
+        await asyncio.sleep(0.05)
+        assert second.busy_for() == 0.0
+        assert first.busy_for() >= 0.05
+        assert backends[1].sizes == warm_up
+        backends[0].hold.set()
+        answers = await asyncio.gather(held, waiting)
+    assert [a.status_code for a in answers] == [200, 200]
+    assert backends[1].sizes == [*warm_up, 1]
