@@ -7,6 +7,9 @@ the outcome of every batch, that answers the readiness and liveness probes.
   readiness turns false, so Kubernetes stops sending it traffic. Nothing would then
   ever run a batch again, so the model probes itself (`ServedModel`, a synthetic
   batch with backoff); any successful batch, probe or request, makes it ready again.
+  A model with several parts that run apart (a detector's canvases, each its own
+  backend) counts each part's failures on their own: a part that keeps failing makes
+  the model failing however well the others do, and only its own success recovers it.
 - A model failing for `unhealthy_after_s` turns liveness false: the probes have not
   helped, and a restart (a fresh process, a fresh CUDA context) is what is left.
 - A batch running for longer than `stuck_batch_s`, or a batch worker that died,
@@ -44,7 +47,8 @@ class ModelHealth:
     def __init__(self, policy: HealthPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy, self.clock = policy, clock
         self.phase = Phase.LOADING
-        self.consecutive_failures = 0
+        self.consecutive_failures = 0  # the most of any part's
+        self._failures: dict[str, int] = {}  # failed batches in a row, per part
         self.failing_since: float | None = None
         self.last_error: str | None = None
 
@@ -60,15 +64,17 @@ class ModelHealth:
         self.phase, self.last_error = Phase.FAILED, error
 
     # -- batches ---------------------------------------------------------------------------
-    def batch_done(self, error: str | None) -> bool:
-        """Record a batch's outcome (None: success). True when this batch made the model failing
-        (the caller then starts probing)."""
+    def batch_done(self, error: str | None, part: str = "") -> bool:
+        """Record a batch's outcome (None: success) on one part of the model. True when this batch
+        made the model failing (the caller then starts probing)."""
         if self.phase not in (Phase.READY, Phase.FAILING):
             return False
+        self._failures[part] = 0 if error is None else self._failures.get(part, 0) + 1
+        self.consecutive_failures = max(self._failures.values())
         if error is None:
-            self.phase, self.consecutive_failures, self.failing_since = Phase.READY, 0, None
+            if self.consecutive_failures < self.policy.failing_after_batches:  # no part still failing
+                self.phase, self.failing_since = Phase.READY, None
             return False
-        self.consecutive_failures += 1
         self.last_error = error
         if self.phase is Phase.READY and self.consecutive_failures >= self.policy.failing_after_batches:
             self.phase, self.failing_since = Phase.FAILING, self.clock()

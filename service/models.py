@@ -121,8 +121,8 @@ def default_backend(checked: ModelFolder, settings: Settings) -> Backend:
 class _BatchEvents:
     """What the batcher reports goes to the metrics and to the model's health."""
 
-    def __init__(self, metrics: ModelObserver, model: ServedModel) -> None:
-        self.metrics, self.model = metrics, model
+    def __init__(self, metrics: ModelObserver, model: ServedModel, part: str = "") -> None:
+        self.metrics, self.model, self.part = metrics, model, part  # part: the canvas, of several
 
     def queue_depth(self, depth: int) -> None:
         self.metrics.queue_depth(sum(b.queue_depth for b in self.model.batchers))  # every canvas's queue
@@ -131,7 +131,7 @@ class _BatchEvents:
         self, size: int, queue_waits: list[float], seconds: float, error: str | None, sources: int = 1
     ) -> None:
         self.metrics.batch_done(size, queue_waits, seconds, error, sources)
-        self.model.batch_done(error)
+        self.model.batch_done(error, self.part)
 
     def dropped(self, reason: str) -> None:
         self.metrics.dropped(reason)
@@ -233,7 +233,8 @@ class ServedModel(Model):
         metrics: Metrics,
         health: ModelHealth,
     ) -> None:
-        observer = _BatchEvents(metrics.observer(checked.name), self)
+        observer = metrics.observer(checked.name)
+        views = checked.manifest.canvas_views()
         # On a CPU a run uses every core (unless FOCAL_INTRA_OP_THREADS leaves room for all canvases at once):
         # a model's canvases take turns rather than fight over the cores.
         threads = settings.intra_op_threads or usable_cores()
@@ -245,13 +246,12 @@ class ServedModel(Model):
                 max_batch_size=min(settings.max_batch_size or backend.max_batch_size, backend.max_batch_size),
                 max_queue_delay_s=settings.queue_delay_ms(backend.device) / 1000,
                 max_queue_size=settings.max_queue_size,
-                observer=observer,
-                name=checked.name if len(backends) == 1 else f"{checked.name}-{i}",
+                observer=_BatchEvents(observer, self, "" if len(backends) == 1 else _size(view)),
+                name=checked.name if len(backends) == 1 else f"{checked.name}-{_size(view)}",
                 turns=turns,
             )
-            for i, backend in enumerate(backends)
+            for view, backend in zip(views, backends, strict=True)
         ]
-        views = checked.manifest.canvas_views()
         router: dict[tuple[int, ...], DynamicBatcher] = {
             tuple(v.input.sample_shape): b for v, b in zip(views, self.batchers, strict=True)
         }
@@ -346,10 +346,10 @@ class ServedModel(Model):
         shapes = f" at {len(self.views)} canvases" if len(self.views) > 1 else ""
         log.info("warmed up %s at batch sizes %s%s in %.1f s", self.name, sizes, shapes, self.warmup_seconds)
 
-    def batch_done(self, error: str | None) -> None:
+    def batch_done(self, error: str | None, part: str = "") -> None:
         if self._closing:
             return
-        if self.health.batch_done(error) and (self._probing is None or self._probing.done()):
+        if self.health.batch_done(error, part) and (self._probing is None or self._probing.done()):
             log.error(
                 "%s: %d batches in a row failed (%s): not ready; probing to recover",
                 self.name,
@@ -359,14 +359,16 @@ class ServedModel(Model):
             self._probing = asyncio.get_running_loop().create_task(self._probe(), name=f"probe-{self.name}")
 
     async def _probe(self) -> None:
-        """Synthetic batches through the batcher, at doubling waits, until one succeeds."""
+        """Synthetic batches through the batcher, at doubling waits, until the model is ready again: one
+        per input size (a detector's canvases each have a backend; the failing one must succeed)."""
         wait = self.settings.probe_backoff_s
         while self.health.phase is Phase.FAILING:
             await asyncio.sleep(wait)
             if self.health.phase is not Phase.FAILING:
                 break  # a request's batch succeeded meanwhile
             try:
-                await self.batcher.submit(self.synthetic_batch(1)[0], self.settings.request_timeout_s)
+                for view in self.views:
+                    await self.batcher.submit(self.synthetic_batch(1, view)[0], self.settings.request_timeout_s)
             except Draining:
                 return
             except (BackendError, DeadlineExceeded, QueueFull) as exc:
@@ -411,15 +413,17 @@ class ServedModel(Model):
                 backend.close()
 
 
+def _size(view: Manifest) -> str:
+    return f"{view.input_size[0]}x{view.input_size[1]}"
+
+
 def _mixed(backends: list[Backend]) -> bool:
     return len({(b.name, b.device) for b in backends}) > 1
 
 
 def _kinds(checked: ModelFolder, backends: list[Backend]) -> str:
     views = checked.manifest.canvas_views()
-    return ", ".join(
-        f"{v.input_size[0]}x{v.input_size[1]}: {b.name} on {b.device}" for v, b in zip(views, backends, strict=True)
-    )
+    return ", ".join(f"{_size(v)}: {b.name} on {b.device}" for v, b in zip(views, backends, strict=True))
 
 
 def _load_each_canvas(checked: ModelFolder, settings: Settings, loader: BackendLoader) -> list[Backend]:

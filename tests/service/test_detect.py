@@ -504,3 +504,36 @@ async def test_a_canvas_waiting_for_its_turn_is_not_a_busy_backend(tmp_path: Pat
         answers = await asyncio.gather(held, waiting)
     assert [a.status_code for a in answers] == [200, 200]
     assert backends[1].sizes == [*warm_up, 1]
+
+
+async def test_a_broken_canvas_makes_the_model_unready_and_its_probe_must_succeed(tmp_path: Path) -> None:
+    """One canvas's backend fails while the other works: the model turns unready however many requests
+    the good canvas answers, its probes try every canvas, and it is ready once the broken one runs."""
+    folder = model_folder(tmp_path, detect_manifest(canvas=(64, 96), more_canvases=((96, 64),)))
+    backends: list[FakeBackend] = []
+
+    def loader(*_: Any) -> FakeBackend:
+        backends.append(FakeBackend(_rows))
+        return backends[-1]
+
+    settings = Settings(models=[folder], failing_after_batches=2, probe_backoff_s=0.02)
+    wide, tall = encode(photo((256, 128)), "PNG"), encode(photo((128, 256)), "PNG")
+    async with running_app(create_app(settings, loader)) as client:
+        backends[1].failing = "engine lost"
+        for _ in range(2):
+            assert (
+                await client.post("/detect", content=wide, headers={"Content-Type": "image/png"})
+            ).status_code == 200
+            failed = await client.post("/detect", content=tall, headers={"Content-Type": "image/png"})
+            assert failed.status_code == 500
+        assert (await client.get("/readyz")).status_code == 503
+        probed = len(backends[1].sizes)
+        await until(lambda: len(backends[1].sizes) >= probed + 2)  # probes reach the broken canvas
+        assert (await client.get("/readyz")).status_code == 503  # the good canvas's probes do not recover it
+        backends[1].failing = None
+        await until(lambda: len(backends[1].sizes) >= probed + 3)
+        for _ in range(100):
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert (await client.get("/readyz")).status_code == 200

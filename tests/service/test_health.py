@@ -79,3 +79,20 @@ def test_a_failed_load_is_neither_ready_nor_live_and_ignores_batches() -> None:
     assert not health.batch_done("late")
     assert health.readiness() == (False, "failed: RuntimeError: no GPU")
     assert health.liveness(True, 0) == (False, "failed: RuntimeError: no GPU")
+
+
+def test_a_part_that_keeps_failing_makes_the_model_failing_whatever_the_others_do() -> None:
+    """A detector's canvases run on backends of their own: one canvas's broken engine must not hide behind
+    the others' successes, and only that canvas's own success recovers the model."""
+    health = ready_model(Clock())
+    for _ in range(2):
+        assert not health.batch_done("engine lost", "640x480")
+        assert not health.batch_done(None, "640x640")  # the healthy canvas does not reset the broken one
+    assert health.batch_done("engine lost", "640x480")
+    assert health.phase is Phase.FAILING
+    assert health.consecutive_failures == 3
+    assert not health.batch_done(None, "640x640")
+    assert health.phase is Phase.FAILING
+    assert not health.batch_done(None, "640x480")
+    assert health.phase is Phase.READY
+    assert health.consecutive_failures == 0
