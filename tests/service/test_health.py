@@ -94,5 +94,5 @@ def test_a_part_that_keeps_failing_makes_the_model_failing_whatever_the_others_d
     assert not health.batch_done(None, "640x640")
     assert health.phase is Phase.FAILING
     assert not health.batch_done(None, "640x480")
-    assert health.phase is Phase.READY
+    assert health.readiness() == (True, "ready")
     assert health.consecutive_failures == 0
