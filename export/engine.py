@@ -15,6 +15,7 @@ otherwise it is built and the manifest updated. A detector has one engine per ca
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 from collections.abc import Callable
@@ -43,7 +44,7 @@ def ensure_engines(
 ) -> None:
     """`ensure_engine` for each input size of the export (one engine per canvas of a detector)."""
     views = manifest.canvas_views()
-    data = _data_sha256(folder, manifest)  # hashed once, for every canvas
+    data = functools.cache(functools.partial(_data_sha256, folder, manifest))  # hashed once, if ever needed
     for view in views:
         if len(views) > 1:
             log(f"canvas {view.input_size[0]}x{view.input_size[1]}:")
@@ -58,10 +59,10 @@ def ensure_engine(
     workspace_gib: float = 4.0,
     timing_cache: Path | None = None,
     log: Callable[[str], None] = print,
-    data_sha256: str | None = None,
+    data_sha256: Callable[[], str | None] | None = None,
 ) -> None:
     """Make `manifest` (of `folder`) describe a usable engine, or say why there is none. Raises EngineError.
-    `data_sha256`: of the manifest's weights file, when the caller hashed it already."""
+    `data_sha256`: gives the sha256 of the manifest's weights file (the caller's, to hash it once)."""
 
     path = engine_name(manifest)
 
@@ -90,7 +91,7 @@ def ensure_engine(
         "batch": manifest.batch,
         "onnx_sha256": sha256_file(folder / source),
         # The graph names its weights by offset only: the weights file is part of what the engine was built from.
-        "onnx_data_sha256": data_sha256 or _data_sha256(folder, manifest),
+        "onnx_data_sha256": (data_sha256 or functools.partial(_data_sha256, folder, manifest))(),
     }
     previous = manifest.engine
     if (

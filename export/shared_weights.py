@@ -5,8 +5,9 @@ same weights. Saved plainly, each file would hold its own copy. `share_weights` 
 initializer of at least `MIN_BYTES` into one external-data file, each distinct tensor once
 (identical bytes, type and shape are stored once, whichever graph and name they came from), and
 points each graph's initializers at their place in it. onnxruntime, TensorRT's `parse_from_file`
-and `onnx.load` read such graphs from their folder. What stays per graph: the small tensors, and
-what really differs per canvas (anchors, gathers, attention masks folded into biases).
+and `onnx.load` read such graphs from their folder. Only the small tensors stay inside each graph;
+what really differs per canvas (anchors, gathers, attention masks folded into biases) is in the
+shared file too, once per distinct tensor.
 """
 
 from __future__ import annotations

@@ -70,12 +70,14 @@ class DetectTask(ExportTask):
     def input_sizes(self, opts: ExportOptions) -> list[tuple[int, int]]:
         if opts.canvases:
             return canvases.order(opts.canvases)
-        return canvases.canvas_set(canvases.CANVAS_SETS[opts.canvas_set or canvases.DEFAULT_CANVAS_SET])
+        return canvases.canvas_set(self._set_scale(opts))
 
     def test_scale(self, opts: ExportOptions) -> tuple[int, int] | None:
         """The keep-ratio resize's (long, short) the manifest records (None: derived from the canvases)."""
-        if opts.canvases:
-            return opts.test_scale
+        return opts.test_scale if opts.canvases else self._set_scale(opts)
+
+    @staticmethod
+    def _set_scale(opts: ExportOptions) -> tuple[int, int]:
         return canvases.CANVAS_SETS[opts.canvas_set or canvases.DEFAULT_CANVAS_SET]
 
     def check(self, opts: ExportOptions) -> None:

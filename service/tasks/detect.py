@@ -58,16 +58,12 @@ class Letterbox:
     canvases: tuple[tuple[int, int], ...]  # (height, width) each
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    test_scale: tuple[int, int] | None = None  # (long, short); None: the canvases' longest side and short side
+    test_scale: tuple[int, int]  # (long, short) of the keep-ratio resize (`DetectManifest.test_scale`)
 
     @classmethod
     def from_manifest(cls, manifest: DetectManifest) -> Letterbox:
         spec = manifest.preprocess
         return cls(tuple(manifest.canvas_sizes), spec.mean, spec.std, manifest.test_scale)
-
-    @property
-    def scale_limits(self) -> tuple[int, int]:
-        return self.test_scale or (max(max(c) for c in self.canvases), max(min(c) for c in self.canvases))
 
     @property
     def draft_short_side(self) -> int:
@@ -81,7 +77,7 @@ class Letterbox:
         smallest canvas that holds it: its pad-to-32 size, mmdetection's own input, whenever that is a
         canvas. When none holds it, it is fitted (aspect kept, smaller than mmdetection would make it)
         into the canvas where it comes out largest, the smallest of those on a tie."""
-        w, h = keep_ratio_size(width, height, self.scale_limits)
+        w, h = keep_ratio_size(width, height, self.test_scale)
         holding = [c for c in self.canvases if h <= c[0] and w <= c[1]]
         if holding:
             return min(holding, key=lambda c: (c[0] * c[1], c)), (w, h)

@@ -57,7 +57,7 @@ def test_letterbox_resize_is_opencv_bilinear_bit_for_bit(source: tuple[int, int]
 
 
 def test_letterbox_places_the_image_top_left_and_pads_with_the_mean() -> None:
-    spec = Letterbox(canvases=((320, 320),), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    spec = Letterbox(((320, 320),), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), test_scale=(320, 320))
     assert spec.route(121, 200) == ((320, 320), (194, 320))  # int(121 * 1.6 + 0.5)
     assert spec.route(1, 40000) == ((320, 320), (1, 320))
     boxed = spec.to_canvas(Image.new("RGB", (121, 200), (255, 255, 255)))
@@ -140,7 +140,7 @@ def test_flat_boxes_in_the_padding_never_crowd_out_detections() -> None:
 
 def test_to_image_inverts_to_canvas() -> None:
     """A box drawn on the image lands where the letterbox put it, and maps back to where it was drawn."""
-    spec = Letterbox(canvases=((64, 96),), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    spec = Letterbox(canvases=((64, 96),), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), test_scale=(96, 64))
     image = Image.new("RGB", (300, 100), (0, 0, 0))
     image.paste((255, 255, 255), (60, 20, 150, 80))  # x1, y1, x2, y2
     placed = spec.to_canvas(image)
